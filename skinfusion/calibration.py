@@ -1,0 +1,181 @@
+"""Probability calibration and test-time augmentation.
+
+* Temperature scaling (C. Guo et al., "On Calibration of Modern Neural Networks", ICML 2017):
+  one scalar ``T`` fitted on validation logits by minimising the negative log-likelihood of
+  ``softmax(logits / T)``; it changes confidences, never the predicted class.
+* Expected calibration error (Naeini et al., AAAI 2015; as in Guo et al.): top-label confidence
+  in equal-width bins.
+* Flip/rotation test-time augmentation as a pure function of a model function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ModelFn = Callable[[torch.Tensor], Sequence[torch.Tensor | None]]
+
+
+def _as_tensor(values: torch.Tensor | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(device="cpu", dtype=dtype)
+    return torch.as_tensor(np.asarray(values), dtype=dtype)
+
+
+def _known(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected (N,K) scores and (N,) labels, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if ((labels < -1) | (labels >= logits.shape[1])).any():
+        raise ValueError(f"labels must be class indices in [0, {logits.shape[1]}) or -1 (unknown)")
+    known = labels >= 0
+    if not known.any():
+        raise ValueError("no labelled samples")
+    return logits[known], labels[known]
+
+
+def fit_temperature(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, max_iter: int = 100) -> float:
+    """Fit the temperature ``T`` that minimises the NLL of ``softmax(logits / T)``.
+
+    The optimisation runs on ``log T`` (so ``T`` stays positive) with L-BFGS and a strong-Wolfe
+    line search, starting at ``T = 1``.
+
+    Args:
+        logits: (N,K) class logits of a held-out (validation) set.
+        labels: (N,) class indices; -1 (unknown) rows are ignored.
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        The fitted temperature (> 1 softens over-confident predictions).
+
+    Raises:
+        ValueError: on inconsistent shapes, out-of-range labels or no labelled row.
+    """
+    logits, labels = _known(_as_tensor(logits, torch.float64), _as_tensor(labels, torch.int64))
+    log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperature], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_temperature.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(log_temperature.detach().exp())
+
+
+def expected_calibration_error(
+    probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, n_bins: int = 15
+) -> float:
+    """Top-label expected calibration error with equal-width confidence bins.
+
+    ``ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|`` where the confidence is the
+    highest probability of a row, bin ``b`` holds confidences in ``((b-1)/n_bins, b/n_bins]``, and
+    the prediction is the arg-max (first index on a tie).
+
+    Args:
+        probs: (N,K) class probabilities (rows summing to 1).
+        labels: (N,) class indices; -1 (unknown) rows are ignored.
+        n_bins: number of bins over [0, 1].
+
+    Returns:
+        The ECE in [0, 1].
+
+    Raises:
+        ValueError: on inconsistent shapes, out-of-range labels, or ``n_bins < 1``.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    probs, labels = _known(_as_tensor(probs, torch.float64), _as_tensor(labels, torch.int64))
+    confidence, prediction = probs.max(dim=1)
+    correct = (prediction == labels).to(torch.float64)
+    # bin b holds (b/n, (b+1)/n]: ceil(conf * n) - 1, with a confidence of exactly 0 in bin 0
+    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+    confidence_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
+    correct_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
+    return float((confidence_sum - correct_sum).abs().sum() / labels.numel())
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation
+# ---------------------------------------------------------------------------------------------
+
+# Each transform acts on the last two dims (H, W) and is paired with its inverse.
+_Transform = Callable[[torch.Tensor], torch.Tensor]
+_FLIPS: tuple[tuple[str, _Transform, _Transform], ...] = (
+    ("identity", lambda x: x, lambda x: x),
+    ("hflip", lambda x: x.flip(-1), lambda x: x.flip(-1)),
+    ("vflip", lambda x: x.flip(-2), lambda x: x.flip(-2)),
+    ("rot180", lambda x: x.flip(-2, -1), lambda x: x.flip(-2, -1)),
+)
+_ROTATIONS: tuple[tuple[str, _Transform, _Transform], ...] = (
+    ("rot90", lambda x: x.rot90(1, (-2, -1)), lambda x: x.rot90(-1, (-2, -1))),
+    ("rot270", lambda x: x.rot90(-1, (-2, -1)), lambda x: x.rot90(1, (-2, -1))),
+    ("transpose", lambda x: x.transpose(-2, -1), lambda x: x.transpose(-2, -1)),
+    ("antitranspose", lambda x: x.flip(-2, -1).transpose(-2, -1), lambda x: x.transpose(-2, -1).flip(-2, -1)),
+)
+
+
+def tta_transforms(rot90: bool = False) -> tuple[str, ...]:
+    """Names of the views :func:`tta_flips` averages: 4 flips, or the 8 symmetries of the square."""
+    return tuple(name for name, _, _ in (_FLIPS + _ROTATIONS if rot90 else _FLIPS))
+
+
+def tta_flips(
+    fn: ModelFn,
+    image: torch.Tensor,
+    rot90: bool = False,
+    average: Literal["logits", "probs"] = "logits",
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Run ``fn`` on flipped (and optionally rotated) copies of ``image`` and average the outputs.
+
+    Mask logits are mapped back to the original orientation before averaging; class logits are
+    averaged as they are. Call it under ``torch.no_grad()`` / ``inference_mode()`` for inference.
+
+    Args:
+        fn: model function ``image -> (mask_logits | None, class_logits | None, ...)``; a
+            :class:`~skinfusion.nn.output.SkinFusionOutput` qualifies (extra fields are ignored).
+        image: (B,C,H,W) batch. With ``rot90`` and H != W, ``fn`` receives (B,C,W,H) views.
+        rot90: also use 90/270-degree rotations and the two transposes (8 views instead of 4).
+        average: ``"logits"`` averages logits; ``"probs"`` averages probabilities (sigmoid for
+            masks, softmax for classes) and returns them as logits again (``logit`` of the mean
+            for masks, ``log`` of the mean for classes), so the output type is the same.
+
+    Returns:
+        ``(mask_logits (B,1,H,W) | None, class_logits (B,K) | None)``.
+
+    Shape:
+        image (B,C,H,W) -> mask_logits (B,1,H,W), class_logits (B,K)
+
+    Raises:
+        ValueError: if ``image`` is not 4-D or ``average`` is unknown.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be (B,C,H,W), got shape {tuple(image.shape)}")
+    if average not in ("logits", "probs"):
+        raise ValueError(f"average must be 'logits' or 'probs', got {average!r}")
+    views = _FLIPS + _ROTATIONS if rot90 else _FLIPS
+    mask_sum: torch.Tensor | None = None
+    class_sum: torch.Tensor | None = None
+    for _, forward, inverse in views:
+        output = fn(forward(image))
+        mask_logits, class_logits = output[0], output[1]
+        if mask_logits is not None:
+            mask = inverse(mask_logits)
+            mask = mask.sigmoid() if average == "probs" else mask
+            mask_sum = mask if mask_sum is None else mask_sum + mask
+        if class_logits is not None:
+            scores = class_logits.softmax(dim=-1) if average == "probs" else class_logits
+            class_sum = scores if class_sum is None else class_sum + scores
+    n = len(views)
+    mask_out = None if mask_sum is None else mask_sum / n
+    class_out = None if class_sum is None else class_sum / n
+    if average == "probs":
+        mask_out = None if mask_out is None else torch.logit(mask_out, eps=1e-7)
+        class_out = None if class_out is None else class_out.clamp_min(1e-12).log()
+    return mask_out, class_out

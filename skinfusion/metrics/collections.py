@@ -1,0 +1,123 @@
+"""torchmetrics collections logged during training, validation and test.
+
+These work at the training resolution and are correct under DDP (every state is a sum that
+torchmetrics all-reduces). The ISIC challenge's own numbers at the original image resolution
+come from :mod:`skinfusion.metrics.isic`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+__all__ = ["SegmentationScores", "classification_metrics", "flatten_metrics", "segmentation_metrics"]
+
+IGNORE_INDEX = -1
+
+
+class SegmentationScores(Metric):
+    """Per-image Dice, Jaccard and thresholded Jaccard, averaged over images.
+
+    As in the ISIC 2018 Task 1 scorer, an image whose predicted and true masks are both empty
+    scores 1, and a Jaccard below ``jaccard_threshold`` counts 0 in the thresholded mean.
+
+    Args:
+        threshold: probability above which a pixel is lesion.
+        jaccard_threshold: the ISIC threshold (0.65).
+
+    Shape:
+        update(mask_logits (N,1,H,W), target (N,1,H,W) in {0,1}); compute() -> dict of scalars.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, threshold: float = 0.5, jaccard_threshold: float = 0.65, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.threshold = threshold
+        self.jaccard_threshold = jaccard_threshold
+        for name in ("dice", "jaccard", "jaccard_thresholded", "count"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, mask_logits: Tensor, target: Tensor) -> None:
+        pred = (mask_logits.detach().float().sigmoid() > self.threshold).flatten(1)
+        true = (target > 0.5).flatten(1)
+        tp = (pred & true).sum(1).double()
+        fp = (pred & ~true).sum(1).double()
+        fn = (~pred & true).sum(1).double()
+        union = tp + fp + fn
+        jaccard = torch.where(union > 0, tp / union.clamp_min(1), torch.ones_like(tp))
+        dice = torch.where(union > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.ones_like(tp))
+        self.dice += dice.sum()
+        self.jaccard += jaccard.sum()
+        self.jaccard_thresholded += torch.where(jaccard >= self.jaccard_threshold, jaccard, 0.0).sum()
+        self.count += pred.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.count.clamp_min(1)
+        return {
+            "dice": (self.dice / n).float(),
+            "jaccard": (self.jaccard / n).float(),
+            "jaccard_thresholded": (self.jaccard_thresholded / n).float(),
+        }
+
+
+def segmentation_metrics(threshold: float = 0.5) -> MetricCollection:
+    """The segmentation collection: ``dice``, ``jaccard``, ``jaccard_thresholded`` (per image, mean)."""
+    return MetricCollection({"seg": SegmentationScores(threshold=threshold)})
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """The classification collection; label ``-1`` (unknown) is ignored by every metric.
+
+    ``balanced_acc`` is the ISIC 2018 Task 3 ranking metric (mean per-class recall).
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    kw = {"num_classes": num_classes, "ignore_index": IGNORE_INDEX}
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(average="micro", **kw),
+            "balanced_acc": MulticlassRecall(average="macro", **kw),
+            "precision_macro": MulticlassPrecision(average="macro", **kw),
+            "recall_macro": MulticlassRecall(average="macro", **kw),
+            "f1_macro": MulticlassF1Score(average="macro", **kw),
+            "precision": MulticlassPrecision(average="none", **kw),
+            "recall": MulticlassRecall(average="none", **kw),
+            "f1": MulticlassF1Score(average="none", **kw),
+            "auroc": MulticlassAUROC(average="macro", **kw),
+            "confmat": MulticlassConfusionMatrix(**kw),
+        }
+    )
+
+
+def flatten_metrics(values: dict[str, Tensor], class_names: Sequence[str], prefix: str) -> dict[str, Tensor]:
+    """Turn a computed collection into loggable scalars named ``{prefix}/{name}``.
+
+    Per-class vectors become ``{prefix}/{name}/{class}``; the confusion matrix and other
+    non-scalar values are left out (they are logged as images/tables by callbacks).
+    """
+    flat: dict[str, Tensor] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, class_names, prefix))
+            continue
+        name = name.removeprefix("seg_")
+        if value.ndim == 0:
+            flat[f"{prefix}/{name}"] = value
+        elif value.ndim == 1 and len(value) == len(class_names):
+            flat.update({f"{prefix}/{name}/{c}": v for c, v in zip(class_names, value)})
+    return flat

@@ -1,0 +1,260 @@
+"""SkinFusionModule: the LightningModule that trains a :class:`~skinfusion.nn.SkinFusionNet`.
+
+The network is a plain ``nn.Module`` handed in from outside (STYLE.md); this module owns the
+loss, the metrics, the optimiser and the logging.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from skinfusion.data.records import ISIC_CLASSES
+from skinfusion.losses import MultiTaskLoss
+from skinfusion.metrics.collections import classification_metrics, flatten_metrics, segmentation_metrics
+from skinfusion.nn import SkinFusionNet
+from skinfusion.nn.output import SkinFusionOutput
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteLossError", "SkinFusionModule"]
+
+STAGES = ("train", "val", "test")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf."""
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+
+class SkinFusionModule(pl.LightningModule):
+    """Trains segmentation and classification together on batches of the DESIGN.md Batch contract.
+
+    Args:
+        net: the network (any :class:`SkinFusionNet`).
+        loss: the multi-task loss; default Dice+BCE plus cross-entropy, weights 1.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI builds it from YAML);
+            default AdamW(lr=1e-3, weight_decay=1e-4).
+        scheduler: a callable ``optimizer -> LRScheduler`` or ``None``.
+        class_names: names of the classes in label-index order (linked from the DataModule).
+        encoder_lr_mult: the encoder's learning rate is the optimiser's times this (transfer learning
+            usually wants < 1).
+        freeze_encoder_epochs: keep the encoder frozen (weights and BatchNorm statistics) for this many
+            epochs, then train it.
+        mask_threshold: probability above which a pixel counts as lesion in the metrics.
+        nonfinite_loss: ``"raise"`` stops training with :class:`NonFiniteLossError` when the loss is NaN/Inf
+            (the last checkpoint stays as it was); ``"skip"`` skips that optimisation step and logs a warning.
+        scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
+        scheduler_monitor: metric for schedulers such as ReduceLROnPlateau.
+    """
+
+    def __init__(
+        self,
+        net: SkinFusionNet,
+        loss: MultiTaskLoss | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        class_names: list[str] | None = None,
+        encoder_lr_mult: float = 1.0,
+        freeze_encoder_epochs: int = 0,
+        mask_threshold: float = 0.5,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        if encoder_lr_mult < 0:
+            raise ValueError(f"encoder_lr_mult must be >= 0, got {encoder_lr_mult}")
+        if freeze_encoder_epochs < 0:
+            raise ValueError(f"freeze_encoder_epochs must be >= 0, got {freeze_encoder_epochs}")
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
+        self.net = net
+        self.loss = loss if loss is not None else MultiTaskLoss()
+        # Plain configs, so a checkpoint can rebuild the network without unpickling objects.
+        self.hparams["net_config"] = dict(getattr(net, "config", {}))
+        self.hparams["loss_config"] = dict(getattr(self.loss, "config", {}))
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        num_classes = getattr(net, "num_classes", None) or len(class_names or ISIC_CLASSES)
+        self.class_names = list(class_names) if class_names else list(ISIC_CLASSES[:num_classes])
+        if getattr(net, "has_classifier", True) and len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names given for a {num_classes}-class network")
+        self.has_classifier = getattr(net, "has_classifier", True)
+        self.has_decoder = getattr(net, "has_decoder", True)
+        self.cls_metrics = nn.ModuleDict(
+            {s: classification_metrics(num_classes) for s in STAGES} if self.has_classifier else {}
+        )
+        self.seg_metrics = nn.ModuleDict(
+            {s: segmentation_metrics(mask_threshold) for s in STAGES} if self.has_decoder else {}
+        )
+        self._seen = dict.fromkeys(STAGES, (0, 0))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, image: Tensor, meta: Tensor | None = None) -> SkinFusionOutput:
+        return self.net(image, meta)
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
+        output = self.net(batch["image"], batch.get("meta"))
+        losses = self.loss(output, batch)
+        loss = losses["loss"]
+        batch_size = batch["image"].shape[0]
+        if stage == "train" and not torch.isfinite(loss):
+            msg = (
+                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}"
+                f" (batch ids {list(batch.get('id', []))[:8]}). Lower the learning rate or enable gradient clipping;"
+                " set model.nonfinite_loss=skip to skip such steps."
+            )
+            if self.hparams.nonfinite_loss == "raise":
+                raise NonFiniteLossError(msg)
+            log.warning("skipping step: %s", msg)
+            return None
+        self.log_dict(
+            {f"{stage}/{k}": v.detach() for k, v in losses.items() if v.ndim == 0},
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=False,
+            batch_size=batch_size,
+            sync_dist=stage != "train",
+        )
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=stage == "train", on_epoch=True,
+                 batch_size=batch_size, sync_dist=stage != "train")
+        self._update_metrics(output, batch, stage)
+        return loss
+
+    @torch.no_grad()
+    def _update_metrics(self, output: SkinFusionOutput, batch: dict[str, Any], stage: str) -> None:
+        n_seg, n_cls = self._seen[stage]
+        if output.mask_logits is not None and self.has_decoder:
+            has_mask = batch["has_mask"]
+            if has_mask.any():
+                self.seg_metrics[stage].update(output.mask_logits[has_mask], batch["mask"][has_mask])
+                n_seg += int(has_mask.sum())
+        if output.class_logits is not None and self.has_classifier:
+            labelled = batch["label"] >= 0
+            if labelled.any():
+                self.cls_metrics[stage].update(output.class_logits.float().softmax(-1), batch["label"])
+                n_cls += int(labelled.sum())
+        self._seen[stage] = (n_seg, n_cls)
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        n_seg, n_cls = self._seen[stage]
+        # Counts are per process; the metric states themselves are all-reduced by torchmetrics.
+        seen = torch.tensor([n_seg, n_cls], device=self.device)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            seen = self.all_gather(seen).sum(0)
+        values: dict[str, Tensor] = {}
+        if self.has_decoder:
+            if seen[0] > 0:
+                values.update(flatten_metrics(self.seg_metrics[stage].compute(), self.class_names, stage))
+            self.seg_metrics[stage].reset()
+        if self.has_classifier:
+            if seen[1] > 0:
+                computed = self.cls_metrics[stage].compute()
+                self.last_confmat = {**getattr(self, "last_confmat", {}), stage: computed["confmat"].cpu()}
+                values.update(flatten_metrics(computed, self.class_names, stage))
+            self.cls_metrics[stage].reset()
+        self._seen[stage] = (0, 0)
+        if values:
+            self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=False, sync_dist=False)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        output = self.net(batch["image"], batch.get("meta"))
+        result: dict[str, Any] = {"id": batch.get("id")}
+        if output.mask_logits is not None:
+            result["mask_prob"] = output.mask_logits.float().sigmoid()
+        if output.class_logits is not None:
+            result["class_prob"] = output.class_logits.float().softmax(-1)
+        result["attention"] = {k: v.float() for k, v in output.attention.items()}
+        return result
+
+    # ------------------------------------------------------------------ encoder freezing
+    def on_train_epoch_start(self) -> None:
+        freeze = self.current_epoch < self.hparams.freeze_encoder_epochs
+        if hasattr(self.net, "freeze_encoder"):
+            self.net.freeze_encoder(freeze)
+
+    # ------------------------------------------------------------------ optimisers
+    def configure_optimizers(self) -> Any:
+        encoder_params = list(self.net.encoder_parameters()) if hasattr(self.net, "encoder_parameters") else []
+        encoder_ids = {id(p) for p in encoder_params}
+        other_params = [p for p in self.parameters() if id(p) not in encoder_ids]
+        groups = [g for g in ({"params": encoder_params, "name": "encoder"}, {"params": other_params, "name": "head"})
+                  if g["params"]]
+        optimizer = self.optimizer(groups)
+        for group in optimizer.param_groups:
+            if group.get("name") == "encoder":
+                group["lr"] = group["lr"] * self.hparams.encoder_lr_mult
+        if self.scheduler is None:
+            return optimizer
+        scheduler = self.scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": self.hparams.scheduler_monitor,
+            },
+        }
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", **net_overrides: Any) -> SkinFusionModule:
+        """Rebuild a trained module from a skinfusion checkpoint without unpickling objects.
+
+        The network and loss are rebuilt from the plain configs stored in the checkpoint's
+        hyperparameters, then the weights are loaded strictly.
+        """
+        from skinfusion.io import load_checkpoint
+
+        ckpt = load_checkpoint(path, map_location)
+        hparams = dict(ckpt.get("hyper_parameters", {}))
+        net_config = {**hparams.pop("net_config", {}), **net_overrides, "pretrained": False}
+        loss_config = hparams.pop("loss_config", {})
+        module = cls(
+            net=SkinFusionNet(**net_config),
+            loss=MultiTaskLoss(**loss_config),
+            **{k: v for k, v in hparams.items() if k in _PLAIN_HPARAMS},
+        )
+        module.load_state_dict(ckpt["state_dict"])
+        return module
+
+
+_PLAIN_HPARAMS: Sequence[str] = (
+    "class_names",
+    "encoder_lr_mult",
+    "freeze_encoder_epochs",
+    "mask_threshold",
+    "nonfinite_loss",
+    "scheduler_interval",
+    "scheduler_monitor",
+)
