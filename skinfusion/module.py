@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from skinfusion.data.records import ISIC_CLASSES
@@ -78,7 +78,8 @@ class SkinFusionModule(pl.LightningModule):
             raise ValueError(f"freeze_encoder_epochs must be >= 0, got {freeze_encoder_epochs}")
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
-        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
+        # class_names is stored as "classes": the DataModule has its own (possibly unset) class_names hparam.
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler", "class_names"])
         self.net = net
         self.loss = loss if loss is not None else MultiTaskLoss()
         # Plain configs, so a checkpoint can rebuild the network without unpickling objects.
@@ -90,13 +91,15 @@ class SkinFusionModule(pl.LightningModule):
         self.class_names = list(class_names) if class_names else list(ISIC_CLASSES[:num_classes])
         if getattr(net, "has_classifier", True) and len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for a {num_classes}-class network")
+        self.hparams["classes"] = self.class_names
         self.has_classifier = getattr(net, "has_classifier", True)
         self.has_decoder = getattr(net, "has_decoder", True)
+        # One collection per stage, never shared; keys get a "_" so "train" does not shadow nn.Module.train.
         self.cls_metrics = nn.ModuleDict(
-            {s: classification_metrics(num_classes) for s in STAGES} if self.has_classifier else {}
+            {f"{s}_": classification_metrics(num_classes) for s in STAGES} if self.has_classifier else {}
         )
         self.seg_metrics = nn.ModuleDict(
-            {s: segmentation_metrics(mask_threshold) for s in STAGES} if self.has_decoder else {}
+            {f"{s}_": segmentation_metrics(mask_threshold) for s in STAGES} if self.has_decoder else {}
         )
         self._seen = dict.fromkeys(STAGES, (0, 0))
 
@@ -120,16 +123,11 @@ class SkinFusionModule(pl.LightningModule):
                 raise NonFiniteLossError(msg)
             log.warning("skipping step: %s", msg)
             return None
-        self.log_dict(
-            {f"{stage}/{k}": v.detach() for k, v in losses.items() if v.ndim == 0},
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=False,
-            batch_size=batch_size,
-            sync_dist=stage != "train",
-        )
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=stage == "train", on_epoch=True,
-                 batch_size=batch_size, sync_dist=stage != "train")
+        on_step = stage == "train"
+        for key, value in losses.items():
+            if value.ndim == 0:
+                self.log(f"{stage}/{key}", value.detach(), on_step=on_step, on_epoch=True, prog_bar=key == "loss",
+                         batch_size=batch_size, sync_dist=not on_step)
         self._update_metrics(output, batch, stage)
         return loss
 
@@ -139,12 +137,12 @@ class SkinFusionModule(pl.LightningModule):
         if output.mask_logits is not None and self.has_decoder:
             has_mask = batch["has_mask"]
             if has_mask.any():
-                self.seg_metrics[stage].update(output.mask_logits[has_mask], batch["mask"][has_mask])
+                self.seg_metrics[f"{stage}_"].update(output.mask_logits[has_mask], batch["mask"][has_mask])
                 n_seg += int(has_mask.sum())
         if output.class_logits is not None and self.has_classifier:
             labelled = batch["label"] >= 0
             if labelled.any():
-                self.cls_metrics[stage].update(output.class_logits.float().softmax(-1), batch["label"])
+                self.cls_metrics[f"{stage}_"].update(output.class_logits.float().softmax(-1), batch["label"])
                 n_cls += int(labelled.sum())
         self._seen[stage] = (n_seg, n_cls)
 
@@ -157,14 +155,14 @@ class SkinFusionModule(pl.LightningModule):
         values: dict[str, Tensor] = {}
         if self.has_decoder:
             if seen[0] > 0:
-                values.update(flatten_metrics(self.seg_metrics[stage].compute(), self.class_names, stage))
-            self.seg_metrics[stage].reset()
+                values.update(flatten_metrics(self.seg_metrics[f"{stage}_"].compute(), self.class_names, stage))
+            self.seg_metrics[f"{stage}_"].reset()
         if self.has_classifier:
             if seen[1] > 0:
-                computed = self.cls_metrics[stage].compute()
+                computed = self.cls_metrics[f"{stage}_"].compute()
                 self.last_confmat = {**getattr(self, "last_confmat", {}), stage: computed["confmat"].cpu()}
                 values.update(flatten_metrics(computed, self.class_names, stage))
-            self.cls_metrics[stage].reset()
+            self.cls_metrics[f"{stage}_"].reset()
         self._seen[stage] = (0, 0)
         if values:
             self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=False, sync_dist=False)
@@ -196,6 +194,16 @@ class SkinFusionModule(pl.LightningModule):
             result["class_prob"] = output.class_logits.float().softmax(-1)
         result["attention"] = {k: v.float() for k, v in output.attention.items()}
         return result
+
+    def setup(self, stage: str) -> None:
+        if getattr(self.loss, "auto_class_weights", False):
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            weights = getattr(datamodule, "class_weights", None)
+            if weights is None:
+                raise ValueError("loss class_weights='auto' needs a DataModule with a class_weights property")
+            self.loss.set_class_weights(weights)
+            self.hparams["loss_config"] = dict(self.loss.config)
+            log.info("class weights from the training split: %s", [round(float(w), 3) for w in weights])
 
     # ------------------------------------------------------------------ encoder freezing
     def on_train_epoch_start(self) -> None:
@@ -243,6 +251,7 @@ class SkinFusionModule(pl.LightningModule):
         module = cls(
             net=SkinFusionNet(**net_config),
             loss=MultiTaskLoss(**loss_config),
+            class_names=hparams.get("classes"),
             **{k: v for k, v in hparams.items() if k in _PLAIN_HPARAMS},
         )
         module.load_state_dict(ckpt["state_dict"])
@@ -250,7 +259,6 @@ class SkinFusionModule(pl.LightningModule):
 
 
 _PLAIN_HPARAMS: Sequence[str] = (
-    "class_names",
     "encoder_lr_mult",
     "freeze_encoder_epochs",
     "mask_threshold",

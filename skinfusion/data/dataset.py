@@ -1,0 +1,205 @@
+"""The map-style Dataset: one Record (or manifest row) in, one sample of the Batch contract out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from skinfusion.data.imageio import read_image, read_mask
+from skinfusion.data.records import Record
+from skinfusion.errors import DataError
+
+#: Anatomical sites of HAM10000's ``localization`` column (``unknown`` is the extra slot).
+SITES: tuple[str, ...] = (
+    "abdomen",
+    "acral",
+    "back",
+    "chest",
+    "ear",
+    "face",
+    "foot",
+    "genital",
+    "hand",
+    "lower extremity",
+    "neck",
+    "scalp",
+    "trunk",
+    "upper extremity",
+)
+#: Other spellings (ISIC 2019/2020 ``anatom_site_general``) mapped onto :data:`SITES`.
+SITE_ALIASES: dict[str, str] = {
+    "anterior torso": "chest",
+    "posterior torso": "back",
+    "lateral torso": "trunk",
+    "torso": "trunk",
+    "palms/soles": "acral",
+    "oral/genital": "genital",
+    "lower limb": "lower extremity",
+    "upper limb": "upper extremity",
+}
+SEXES: tuple[str, ...] = ("male", "female")
+
+#: Length of the encoded metadata: age/100 and its missing flag, sex one-hot + unknown, site one-hot + unknown.
+META_DIM: int = 2 + len(SEXES) + 1 + len(SITES) + 1
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in ("", "unknown", "nan", "none")
+
+
+def encode_metadata(meta: Mapping[str, Any]) -> np.ndarray:
+    """Encode clinical metadata as a fixed-length float32 vector of length :data:`META_DIM`.
+
+    Layout: ``[age / 100, age missing, male, female, sex unknown, *sites, site unknown]``; a
+    missing age is encoded as 0 with the flag set. Sites are matched case-insensitively, with
+    underscores as spaces and :data:`SITE_ALIASES` applied; any other site counts as unknown.
+
+    Args:
+        meta: mapping with optional keys ``age`` (years, number or numeric string), ``sex``, ``site``.
+
+    Returns:
+        float32 array of shape (META_DIM,).
+    """
+    vector = np.zeros(META_DIM, np.float32)
+    age = meta.get("age")
+    try:
+        age = None if _is_missing(age) else float(age)
+    except (TypeError, ValueError):
+        age = None
+    if age is None or math.isnan(age):
+        vector[1] = 1.0
+    else:
+        vector[0] = age / 100.0
+    sex = meta.get("sex")
+    sex = "" if _is_missing(sex) else str(sex).strip().lower()
+    vector[2 + (SEXES.index(sex) if sex in SEXES else len(SEXES))] = 1.0
+    site = meta.get("site")
+    site = "" if _is_missing(site) else str(site).strip().lower().replace("_", " ")
+    site = SITE_ALIASES.get(site, site)
+    offset = 2 + len(SEXES) + 1
+    vector[offset + (SITES.index(site) if site in SITES else len(SITES))] = 1.0
+    return vector
+
+
+class Item(NamedTuple):
+    """What the Dataset needs of one image (paths absolute or relative to the working directory)."""
+
+    id: str
+    image: Path
+    mask: Path | None
+    label: str | None
+    meta: dict[str, Any]
+
+
+def to_item(entry: Record | Mapping[str, Any]) -> Item:
+    """Normalise a :class:`Record` or a manifest row (dict with ``image``, optional ``mask``, ``label``,
+    ``id``, ``age``, ``sex``, ``site``) to an :class:`Item`. Empty strings count as missing."""
+    if isinstance(entry, Record):
+        mask = Path(entry.mask) if entry.mask else None
+        return Item(entry.id, Path(entry.image), mask, entry.label or None, dict(entry.meta))
+    if not isinstance(entry, Mapping) or _is_missing(entry.get("image")):
+        raise ValueError(f"expected a Record or a manifest row with an 'image', got {entry!r}")
+    image = Path(str(entry["image"]))
+    mask = None if _is_missing(entry.get("mask")) else Path(str(entry["mask"]))
+    label = None if _is_missing(entry.get("label")) else str(entry["label"]).strip()
+    sample_id = image.stem if _is_missing(entry.get("id")) else str(entry["id"])
+    meta = {key: entry[key] for key in ("age", "sex", "site") if not _is_missing(entry.get(key))}
+    return Item(sample_id, image, mask, label, meta)
+
+
+class SkinLesionDataset(Dataset):
+    """Images with optional masks and labels, transformed into samples of the Batch contract.
+
+    Each sample is a dict: ``image`` float32 (3,H,W), ``mask`` float32 (1,H,W) in {0,1} (zeros
+    when the image has no mask), ``has_mask`` bool, ``label`` int64 class index or -1, ``id`` str,
+    and ``meta`` float32 (META_DIM,) when ``use_metadata``. ``torch.utils.data.default_collate``
+    turns a list of them into a Batch (``id`` becomes a list of str).
+
+    Args:
+        records: :class:`Record` objects or manifest rows (see :func:`to_item`), with paths that
+            resolve from the working directory (make them absolute first).
+        class_names: class list; a label is turned into its index in it.
+        transform: callable ``transform(image=HxWx3 uint8, mask=HxW uint8)`` returning a dict with
+            tensors ``image`` (3,H,W) and ``mask`` (1,H,W), e.g. :func:`build_transforms`'s result.
+        use_metadata: add the encoded metadata (:func:`encode_metadata`) under ``meta``.
+        max_side: read images downscaled so their longest side is at most this (masks follow,
+            staying binary); ``None`` reads them at full size.
+
+    Raises:
+        DataError: (at construction) a label not in ``class_names``; (when reading) an unreadable
+            file or a mask whose size does not match its image.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record | Mapping[str, Any]],
+        class_names: Sequence[str],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        use_metadata: bool = False,
+        max_side: int | None = None,
+    ) -> None:
+        self.items = [to_item(r) for r in records]
+        self.class_names = tuple(class_names)
+        self.class_to_index = {name: i for i, name in enumerate(self.class_names)}
+        for item in self.items:
+            if item.label is not None and item.label not in self.class_to_index:
+                raise DataError(item.image, f"unknown label {item.label!r}; expected one of {list(self.class_names)}")
+        self.transform = transform
+        self.use_metadata = use_metadata
+        self.max_side = max_side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> list[int]:
+        """Class index of every sample (-1 where unlabelled), without reading any file."""
+        return [-1 if item.label is None else self.class_to_index[item.label] for item in self.items]
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read sample ``index`` untransformed: image uint8 (H,W,3) RGB and mask uint8 (H,W) in {0,1} or None."""
+        item = self.items[index]
+        image = read_image(item.image, self.max_side)
+        if item.mask is None:
+            return image, None
+        height, width = image.shape[:2]
+        # Downscaled images take their mask to the same size; full-size ones must match exactly.
+        mask = read_mask(item.mask, size=(width, height)) if self.max_side else read_mask(item.mask)
+        if mask.shape != (height, width):
+            raise DataError(
+                item.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but image {item.image} is {width}x{height}"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        image, mask = self.load(index)
+        has_mask = mask is not None
+        if mask is None:
+            mask = np.zeros(image.shape[:2], np.uint8)
+        if self.transform is None:
+            image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+            mask_t = torch.from_numpy(mask).float()[None]
+        else:
+            out = self.transform(image=image, mask=mask)
+            image_t, mask_t = out["image"], out["mask"]
+        sample: dict[str, Any] = {
+            "image": image_t,
+            "mask": mask_t,
+            "has_mask": torch.tensor(has_mask),
+            "label": torch.tensor(-1 if item.label is None else self.class_to_index[item.label], dtype=torch.int64),
+            "id": item.id,
+        }
+        if self.use_metadata:
+            sample["meta"] = torch.from_numpy(encode_metadata(item.meta))
+        return sample

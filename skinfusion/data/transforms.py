@@ -1,0 +1,120 @@
+"""Albumentations pipelines that move an image and its lesion mask together.
+
+Training follows the paper's augmentation (flips, rotation, zoom and crop) with an optional
+colour jitter; evaluation only resizes. Every geometric step warps the mask with nearest
+neighbour interpolation, so the mask stays exactly binary, and the pipeline ends in tensors:
+image float32 (3,H,W) normalised, mask float32 (1,H,W) in {0,1}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "STAGES", "MaskToFloat", "build_transforms"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: ``unit`` scales to [0, 1] (the paper); ``imagenet`` also standardises with the ImageNet mean/std.
+NORMALIZATIONS: tuple[str, ...] = ("unit", "imagenet")
+STAGES: tuple[str, ...] = ("train", "val", "test", "predict")
+
+
+class MaskToFloat(A.DualTransform):
+    """Turn an (H,W) {0,1} uint8 mask into float32 (1,H,W); the image passes unchanged.
+
+    Placed before ``ToTensorV2`` so that the mask tensor comes out with its channel axis.
+    """
+
+    def __init__(self, p: float = 1.0) -> None:
+        super().__init__(p=p)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return img
+
+    def apply_to_mask(self, mask: np.ndarray, **params: Any) -> np.ndarray:
+        if mask.ndim == 3:  # (H,W,1)
+            mask = mask[..., 0]
+        return mask.astype(np.float32)[None]
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
+def _normalize(normalization: str) -> A.Normalize:
+    if normalization == "unit":
+        return A.Normalize(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), max_pixel_value=255.0)
+    if normalization == "imagenet":
+        return A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0)
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+def build_transforms(
+    stage: Literal["train", "val", "test", "predict"],
+    image_size: int = 224,
+    normalization: Literal["unit", "imagenet"] = "imagenet",
+    augment: bool = True,
+    color_jitter: float = 0.0,
+    seed: int | None = None,
+) -> A.Compose:
+    """Build the image+mask pipeline of one stage.
+
+    ``train`` with ``augment``: RandomResizedCrop to ``image_size`` (zoom in and crop, scale 0.5–1
+    of the area, aspect 3/4–4/3), horizontal and vertical flips, an affine warp with any rotation
+    angle and a zoom of 0.9–1.1 (borders reflected, which suits skin), then a colour jitter when
+    ``color_jitter > 0``. Every other case: resize to ``image_size`` x ``image_size``.
+
+    Call it as ``out = transform(image=image, mask=mask)`` with image uint8 (H,W,3) RGB and mask
+    uint8 (H,W) in {0,1}; ``out["image"]`` is float32 (3,S,S), ``out["mask"]`` float32 (1,S,S).
+
+    Args:
+        stage: ``train``, ``val``, ``test`` or ``predict``.
+        image_size: output side in pixels.
+        normalization: ``unit`` ([0,1], as the paper) or ``imagenet`` (mean/std of ImageNet).
+        augment: apply the training augmentation (only used when ``stage == "train"``).
+        color_jitter: strength of brightness/contrast/saturation jitter (hue gets a quarter of
+            it); 0 disables it. Must be in [0, 1).
+        seed: seed of the pipeline's own random state (albumentations ignores global seeds); the
+            DataModule reseeds it in every worker.
+
+    Returns:
+        An ``albumentations.Compose``.
+
+    Raises:
+        ValueError: unknown stage or normalization, a non-positive size, or a jitter outside [0, 1).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if not 0.0 <= color_jitter < 1.0:
+        raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
+    normalize = _normalize(normalization)
+    if stage == "train" and augment:
+        steps: list[A.BasicTransform] = [
+            A.RandomResizedCrop(size=(image_size, image_size), scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Affine(scale=(0.9, 1.1), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.75),
+        ]
+        if color_jitter > 0:
+            steps.append(
+                A.ColorJitter(
+                    brightness=color_jitter,
+                    contrast=color_jitter,
+                    saturation=color_jitter,
+                    hue=color_jitter / 4,
+                    p=0.8,
+                )
+            )
+    else:
+        steps = [A.Resize(image_size, image_size)]
+    return A.Compose(
+        [*steps, normalize, MaskToFloat(), ToTensorV2()],
+        mask_interpolation=cv2.INTER_NEAREST,
+        seed=seed,
+    )

@@ -1,0 +1,225 @@
+"""Classification head, clinical-metadata branch and the fusion of segmentation into classification.
+
+A fusion module turns the deepest encoder features (and, for some modes, the decoder's outputs) into one
+feature vector for the classifier. Modes are chosen by name from a registry:
+
+* ``none``: global average pooling of the deepest encoder features (shared encoder only).
+* ``mask_pool``: the deepest features pooled with the decoder's lesion probability as weights
+  (``sum(p * f) / sum(p)``, ``p = sigmoid(mask_logits)`` resized to the feature grid), concatenated with their
+  global average, so the classifier sees the lesion and its context.
+* ``decoder``: global average of the deepest encoder features concatenated with the global average of the
+  decoder's last features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ClassifierHead",
+    "DecoderFusion",
+    "Fusion",
+    "MaskPoolFusion",
+    "MetaBranch",
+    "NoFusion",
+    "create_fusion",
+    "get_fusion",
+    "list_fusion",
+    "register_fusion",
+]
+
+_FUSION: dict[str, type[Fusion]] = {}
+
+
+def register_fusion(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
+    """Class decorator adding a fusion mode under ``name``.
+
+    Raises:
+        ValueError: ``name`` is empty or already registered.
+    """
+    key = name.lower()
+    if not key:
+        raise ValueError("a fusion name must be a non-empty string")
+
+    def decorator(cls: type[Fusion]) -> type[Fusion]:
+        if key in _FUSION:
+            raise ValueError(f"fusion {key!r} is already registered ({_FUSION[key].__name__})")
+        _FUSION[key] = cls
+        return cls
+
+    return decorator
+
+
+def list_fusion() -> list[str]:
+    """Names accepted by :func:`create_fusion`, sorted."""
+    return sorted(_FUSION)
+
+
+def get_fusion(name: str | None) -> type[Fusion]:
+    """The fusion class for ``name`` (a falsy name means ``"none"``).
+
+    Raises:
+        ValueError: unknown name (the message lists the choices).
+    """
+    key = (name or "none").lower()
+    if key not in _FUSION:
+        raise ValueError(f"unknown fusion {name!r}; choose one of {list_fusion()}")
+    return _FUSION[key]
+
+
+def create_fusion(name: str | None, encoder_channels: int, decoder_channels: int | None, **kwargs: Any) -> Fusion:
+    """Build the fusion mode ``name``.
+
+    Args:
+        name: registry name (see :func:`list_fusion`).
+        encoder_channels: channels of the deepest encoder features.
+        decoder_channels: channels of the decoder's last features, ``None`` without a decoder.
+        **kwargs: passed to the fusion class.
+
+    Raises:
+        ValueError: unknown name, or a mode that needs the decoder when there is none.
+    """
+    cls = get_fusion(name)
+    if cls.needs_decoder and decoder_channels is None:
+        raise ValueError(f"fusion {name!r} needs the decoder; set decoder=True or fusion='none'")
+    return cls(encoder_channels, decoder_channels, **kwargs)
+
+
+class Fusion(nn.Module):
+    """Base of the fusion modes: ``forward(features, mask_logits, decoder_features) -> (B, out_features)``.
+
+    Attributes:
+        needs_decoder: the mode reads ``mask_logits``/``decoder_features``.
+        out_features: width of the returned vector.
+    """
+
+    needs_decoder: bool = False
+    out_features: int
+
+    def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
+        """Fuse.
+
+        Shape:
+            features (B,C,h,w); mask_logits (B,1,H,W) or None; decoder_features (B,D,H,W) or None
+            -> (B, out_features).
+        """
+        raise NotImplementedError
+
+
+@register_fusion("none")
+class NoFusion(Fusion):
+    """Global average pooling of the deepest encoder features."""
+
+    def __init__(self, encoder_channels: int, decoder_channels: int | None = None) -> None:
+        super().__init__()
+        self.out_features = encoder_channels
+
+    def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
+        return features.mean((2, 3))
+
+
+@register_fusion("mask_pool")
+class MaskPoolFusion(Fusion):
+    """Lesion-weighted pooling of the deepest features (from the predicted mask) joined to global pooling.
+
+    Args:
+        encoder_channels: channels of the deepest encoder features.
+        decoder_channels: unused (uniform signature).
+        detach_mask: stop the classifier's gradient from flowing into the segmentation branch.
+        eps: added to the sum of weights (an empty predicted mask gives a zero lesion vector, not NaN).
+    """
+
+    needs_decoder = True
+
+    def __init__(
+        self, encoder_channels: int, decoder_channels: int | None = None, detach_mask: bool = False, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        self.out_features = 2 * encoder_channels
+        self.detach_mask = detach_mask
+        self.eps = eps
+
+    def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
+        if mask_logits is None:
+            raise ValueError("mask_pool fusion needs mask_logits")
+        if self.detach_mask:
+            mask_logits = mask_logits.detach()
+        # "area" averages the probability over each feature cell; it is exact for the integer strides here.
+        weights = F.interpolate(torch.sigmoid(mask_logits), size=features.shape[-2:], mode="area")
+        lesion = (features * weights).sum((2, 3)) / (weights.sum((2, 3)) + self.eps)
+        return torch.cat([features.mean((2, 3)), lesion], dim=1)
+
+
+@register_fusion("decoder")
+class DecoderFusion(Fusion):
+    """Global average of the deepest encoder features joined to the global average of the decoder output."""
+
+    needs_decoder = True
+
+    def __init__(self, encoder_channels: int, decoder_channels: int | None = None) -> None:
+        super().__init__()
+        if decoder_channels is None:
+            raise ValueError("decoder fusion needs the decoder")
+        self.out_features = encoder_channels + decoder_channels
+
+    def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
+        if decoder_features is None:
+            raise ValueError("decoder fusion needs decoder_features")
+        return torch.cat([features.mean((2, 3)), decoder_features.mean((2, 3))], dim=1)
+
+
+class MetaBranch(nn.Sequential):
+    """Small MLP encoding clinical metadata (age, sex, site, ...) for the classifier.
+
+    Shape:
+        meta (B, meta_dim) -> (B, out_features)
+    """
+
+    def __init__(self, meta_dim: int, hidden: int = 64, dropout: float = 0.0) -> None:
+        if meta_dim < 1:
+            raise ValueError(f"meta_dim must be positive, got {meta_dim}")
+        super().__init__(
+            nn.Linear(meta_dim, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.out_features = hidden
+
+
+class ClassifierHead(nn.Module):
+    """Dropout, an optional hidden layer, and the linear classifier.
+
+    Args:
+        in_features: width of the fused feature vector (plus the metadata branch's, if any).
+        num_classes: number of diagnoses.
+        hidden: width of a hidden layer (0 for none: a single linear layer).
+        dropout: dropout probability before each linear layer.
+
+    Shape:
+        features (B, in_features) -> class_logits (B, num_classes)
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.2) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0, got {hidden}")
+        layers: list[nn.Module] = []
+        if hidden:
+            layers += [nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(inplace=True)]
+            in_features = hidden
+        layers += [nn.Dropout(dropout), nn.Linear(in_features, num_classes)]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.mlp(features)

@@ -1,0 +1,889 @@
+"""Prediction on image files: lesion masks at the original resolution, the ISIC Task 3 CSV, overlays, JSON.
+
+:class:`Predictor` wraps a trained network (a :class:`~skinfusion.module.SkinFusionModule`, a plain
+:class:`~skinfusion.nn.SkinFusionNet`, a Lightning checkpoint or a ``skinfusion export`` safetensors
+file). For every image it
+
+1. reads the file upright (EXIF orientation applied) at any size and aspect, and resizes it to the
+   network's square input (the same ``predict`` transform as training's evaluation);
+2. runs the network in batches (optionally with flip/rotation test-time augmentation and a
+   temperature on the class logits);
+3. resizes the lesion *probability* map bilinearly back to the original image size and only then
+   post-processes it (threshold, opening, largest component, hole filling; see
+   :class:`~skinfusion.postprocess.PostProcess`).
+
+:meth:`Predictor.write` turns the results into files a user submits or reads::
+
+    out_dir/
+      masks/ISIC_0012345_segmentation.png   8-bit L, values {0,255}, original size (ISIC Task 1)
+      predictions.csv                       image,MEL,NV,BCC,AKIEC,BKL,DF,VASC (ISIC Task 3)
+      overlays/ISIC_0012345_overlay.png     contour + attention heat map + top-3 classes
+      json/ISIC_0012345.json                probabilities, predicted class, mask area, map names
+
+Masks live in their own folder because the official scorer matches a prediction to an image by the
+7-digit number in *any* file name of the folder. Every file is written atomically (a temporary file
+in the same folder, then ``os.replace``), and the CSV only once all images are done, so an
+interrupted run never leaves a truncated file or a half-overwritten earlier result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from skinfusion.data.records import ISIC_CLASSES, Record
+from skinfusion.errors import DataError
+from skinfusion.postprocess import PostProcess
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CSV_NAME",
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_NORMALIZATION",
+    "JSON_DIR",
+    "MASKS_DIR",
+    "OVERLAYS_DIR",
+    "Prediction",
+    "Predictor",
+    "add_predictor_arguments",
+    "atomic_write_bytes",
+    "checkpoint_settings",
+    "collect_records",
+    "mask_filename",
+    "predict_main",
+    "predictor_from_args",
+    "render_overlay",
+    "write_csv",
+]
+
+#: Network input side used when neither the caller nor the checkpoint says otherwise.
+DEFAULT_IMAGE_SIZE = 224
+#: Input normalisation used when neither the caller nor the checkpoint says otherwise.
+DEFAULT_NORMALIZATION = "imagenet"
+MASKS_DIR = "masks"
+OVERLAYS_DIR = "overlays"
+JSON_DIR = "json"
+CSV_NAME = "predictions.csv"
+
+_SKIPPED_SUFFIXES = ("_segmentation", "_superpixels", "_overlay")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from skinfusion.data.imageio import IMAGE_EXTENSIONS
+
+    return [
+        path
+        for path in sorted(folder.iterdir())
+        if path.is_file()
+        and path.suffix.lower() in IMAGE_EXTENSIONS
+        and not path.name.startswith(".")
+        and not path.stem.endswith(_SKIPPED_SUFFIXES)
+    ]
+
+
+def _isic_subsets(folder: Path) -> dict[str, set[str]]:
+    """``{subset: {"task1", "task3"}}`` of the official ISIC 2018 input folders inside ``folder``."""
+    found: dict[str, set[str]] = {}
+    for path in folder.iterdir():
+        match = re.fullmatch(r"ISIC2018_Task(1-2|3)_(\w+?)_Input", path.name)
+        if match and path.is_dir():
+            found.setdefault(match.group(2), set()).add("task1" if match.group(1) == "1-2" else "task3")
+    return found
+
+
+def _read_manifest(path: Path) -> list[Record]:
+    """Records of a manifest CSV; a prepared manifest's ``orig_image``/``orig_mask`` replace the cache files."""
+    from skinfusion.data.readers import create_reader, read_csv_rows
+
+    records = create_reader("manifest", path, allow_outside_root=True).read()
+    rows = read_csv_rows(path, required=["image"])
+    if rows and "orig_image" in rows[0][1]:
+        records = [
+            Record(
+                image=Path(row["orig_image"]) if row.get("orig_image") else record.image,
+                mask=Path(row["orig_mask"]) if row.get("orig_mask") else (None if row.get("orig_image") else record.mask),
+                label=record.label,
+                lesion_id=record.lesion_id,
+                meta=record.meta,
+                source=record.source,
+            )
+            for record, (_, row) in zip(records, rows, strict=True)
+        ]
+    return records
+
+
+def collect_records(
+    sources: str | Path | Record | Iterable[str | Path | Record], subset: str | None = None
+) -> list[Record]:
+    """Turn prediction inputs into records, in a stable order.
+
+    Each source may be
+
+    * an image file;
+    * a folder of images (not recursive; ``*_segmentation.*`` masks and hidden files are skipped);
+    * a folder in the official ISIC 2018 layout (holding ``ISIC2018_Task1-2_{subset}_Input`` and/or
+      ``ISIC2018_Task3_{subset}_Input``, with their ground truth when present);
+    * a manifest CSV (``image,mask,label,...``; a prepared manifest's ``orig_image``/``orig_mask``
+      columns are used instead of its resized cache files);
+    * a :class:`Record`.
+
+    Args:
+        sources: one source or several.
+        subset: ISIC subset (``"Training"``, ``"Validation"``, ``"Test"``) when a folder holds several.
+
+    Returns:
+        Records, one per image.
+
+    Raises:
+        DataError: a missing path, an ISIC folder with several subsets and no ``subset``, or two
+            inputs with the same image id (their outputs would overwrite each other).
+    """
+    from skinfusion.data.readers import combine, create_reader
+
+    if isinstance(sources, (str, Path, Record)):
+        sources = [sources]
+    records: list[Record] = []
+    for source in sources:
+        if isinstance(source, Record):
+            records.append(source)
+            continue
+        path = Path(source)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            records.extend(_read_manifest(path))
+        elif path.is_file():
+            records.append(Record(image=path, source="file"))
+        elif path.is_dir():
+            subsets = _isic_subsets(path)
+            if subsets:
+                if subset is None and len(subsets) > 1:
+                    raise DataError(path, f"holds several ISIC subsets {sorted(subsets)}; choose one with subset=")
+                name = subset if subset is not None else next(iter(subsets))
+                if name not in subsets:
+                    raise DataError(path, f"no ISIC subset {name!r}; found {sorted(subsets)}")
+                parts = []
+                if "task1" in subsets[name]:
+                    parts.append(create_reader("isic_task1", path, subset=name).read())
+                if "task3" in subsets[name]:
+                    parts.append(create_reader("isic_task3", path, subset=name).read())
+                records.extend(combine(*parts))
+            else:
+                files = _image_files(path)
+                if not files:
+                    raise DataError(path, "no image files found")
+                records.extend(Record(image=p, source="folder") for p in files)
+        else:
+            raise DataError(path, "no such file or folder")
+    seen: dict[str, Path] = {}
+    for record in records:
+        if record.id in seen and Path(seen[record.id]) != Path(record.image):
+            raise DataError(
+                record.image, f"image id {record.id} also names {seen[record.id]}; outputs are named by id"
+            )
+        seen[record.id] = Path(record.image)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """What the network says about one image.
+
+    Attributes:
+        id: image id (the file name without extension).
+        image: path of the image file.
+        size: upright original ``(width, height)``.
+        mask: post-processed boolean lesion mask ``(height, width)`` at the original size, or
+            ``None`` for a network without decoder.
+        mask_prob: lesion probability map at the network resolution ``(S, S)``, or ``None``.
+        probabilities: class probabilities ``(K,)`` (float64, sum 1), or ``None`` for a network
+            without classifier.
+        class_names: the K class names, in column order.
+        attention: spatial attention maps ``(h, w)`` in [0, 1], by name (``skip.4``, ``classifier``...).
+        record: the input record (truth, metadata), when there was one.
+    """
+
+    id: str
+    image: Path
+    size: tuple[int, int]
+    mask: np.ndarray | None
+    mask_prob: np.ndarray | None
+    probabilities: np.ndarray | None
+    class_names: tuple[str, ...]
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
+    record: Record | None = None
+
+    @property
+    def predicted_class(self) -> str | None:
+        """Name of the most probable class (``None`` without classifier)."""
+        if self.probabilities is None:
+            return None
+        return self.class_names[int(np.argmax(self.probabilities))]
+
+    @property
+    def mask_area(self) -> float | None:
+        """Fraction of the image's pixels inside the predicted lesion (``None`` without decoder)."""
+        return None if self.mask is None else float(self.mask.mean())
+
+    def top_k(self, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` most probable classes as ``(name, probability)``, most probable first."""
+        if self.probabilities is None:
+            return []
+        order = np.argsort(-self.probabilities, kind="stable")[:k]
+        return [(self.class_names[i], float(self.probabilities[i])) for i in order]
+
+    def to_json(self) -> dict[str, Any]:
+        """The per-image JSON document written by :meth:`Predictor.write`."""
+        doc: dict[str, Any] = {"id": self.id, "image": str(self.image), "width": self.size[0], "height": self.size[1]}
+        if self.probabilities is not None:
+            doc["probabilities"] = {n: float(p) for n, p in zip(self.class_names, self.probabilities, strict=True)}
+            doc["predicted_class"] = self.predicted_class
+        if self.mask is not None:
+            doc["mask_area_fraction"] = self.mask_area
+            doc["mask_file"] = mask_filename(self.id)
+        doc["attention_maps"] = list(self.attention)
+        return doc
+
+
+def mask_filename(image_id: str) -> str:
+    """File name of the predicted mask of ``image_id`` (the ISIC Task 1 convention)."""
+    return f"{image_id}_segmentation.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writers
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash leaves either the previous file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(array, mode=mode) if mode else Image.fromarray(array)
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write a boolean mask as an 8-bit greyscale (mode L) PNG with values {0, 255}, atomically."""
+    atomic_write_bytes(path, _png_bytes(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), "L"))
+
+
+def write_csv(path: str | Path, ids: Sequence[str], probabilities: np.ndarray, class_names: Sequence[str]) -> None:
+    """Write the ISIC Task 3 CSV ``image,<class>...`` atomically (fixed-point floats, never ``1e-05``)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", *class_names])
+    for image_id, row in zip(ids, probabilities, strict=True):
+        writer.writerow([image_id, *(f"{float(p):.10f}" for p in row)])
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"), fsync=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlays
+# ---------------------------------------------------------------------------------------------
+
+
+def _pick_attention(attention: dict[str, np.ndarray], name: str | None) -> np.ndarray | None:
+    if not attention:
+        return None
+    if name is not None:
+        if name not in attention:
+            raise ValueError(f"no attention map {name!r}; this network has {list(attention)}")
+        return attention[name]
+    # the classifier's map explains the diagnosis; otherwise the deepest (last) one
+    return attention.get("classifier", attention[list(attention)[-1]])
+
+
+def render_overlay(
+    image: np.ndarray,
+    mask: np.ndarray | None = None,
+    attention: np.ndarray | None = None,
+    lines: Sequence[str] = (),
+    alpha: float = 0.35,
+    contour_color: tuple[int, int, int] = (0, 255, 0),
+    extra_mask: np.ndarray | None = None,
+    extra_color: tuple[int, int, int] = (255, 0, 255),
+) -> np.ndarray:
+    """Draw a lesion contour, an attention heat map and a text strip on an image, for people.
+
+    Args:
+        image: (H,W,3) uint8 RGB.
+        mask: boolean mask of any size (resized to the image, nearest); its outer contour is drawn.
+        attention: a (h,w) map of any size in [0,1]: upsampled bilinearly, min-max scaled, coloured
+            with the JET colormap and blended with weight ``alpha``.
+        lines: text lines written on a white strip added below the image (e.g. the top-3 classes).
+        alpha: heat-map weight.
+        contour_color: RGB colour of the ``mask`` contour.
+        extra_mask: a second mask whose contour is drawn in ``extra_color`` (e.g. the truth).
+        extra_color: RGB colour of the ``extra_mask`` contour.
+
+    Returns:
+        (H + strip, W, 3) uint8 RGB; no strip when ``lines`` is empty.
+    """
+    canvas = np.ascontiguousarray(image[..., :3]).copy()
+    height, width = canvas.shape[:2]
+    if attention is not None:
+        heat = cv2.resize(np.asarray(attention, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+        low, high = float(heat.min()), float(heat.max())
+        heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+        colored = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+        canvas = cv2.addWeighted(canvas, 1.0 - alpha, np.ascontiguousarray(colored), alpha, 0.0)
+    thickness = max(1, round(max(height, width) / 250))
+    for outline, color in ((extra_mask, extra_color), (mask, contour_color)):
+        if outline is None:
+            continue
+        outline = np.asarray(outline, dtype=np.uint8)
+        if outline.shape != (height, width):
+            outline = cv2.resize(outline, (width, height), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(outline, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(canvas, contours, -1, color, thickness)
+    if not lines:
+        return canvas
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = float(np.clip(width / 500, 0.3, 1.5))
+    for line in lines:  # shrink until the longest line fits
+        while scale > 0.2 and cv2.getTextSize(line, font, scale, 1)[0][0] > width - 6:
+            scale *= 0.9
+    text_thickness = max(1, round(scale * 1.5))
+    line_height = cv2.getTextSize("Ag", font, scale, text_thickness)[0][1] * 2
+    strip = np.full((line_height * len(lines) + line_height // 2, width, 3), 255, np.uint8)
+    for row, line in enumerate(lines):
+        cv2.putText(strip, line, (3, line_height * (row + 1)), font, scale, (0, 0, 0), text_thickness, cv2.LINE_AA)
+    return np.concatenate([canvas, strip], axis=0)
+
+
+def _downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    height, width = image.shape[:2]
+    if max_side is None or max(height, width) <= max_side:
+        return image
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def prediction_overlay(
+    prediction: Prediction, attention_map: str | None = None, max_side: int | None = None, alpha: float = 0.35
+) -> np.ndarray:
+    """The overlay image of one :class:`Prediction` (re-reads its image file)."""
+    from skinfusion.data.imageio import read_image
+
+    image = _downscale(read_image(prediction.image, max_side=max_side), max_side)
+    lines = [f"{name} {prob:.1%}" for name, prob in prediction.top_k(3)]
+    if prediction.mask is not None:
+        lines.append(f"lesion {prediction.mask_area:.1%} of image")
+    heat = _pick_attention(prediction.attention, attention_map)
+    return render_overlay(image, prediction.mask, heat, lines, alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_settings(path: str | Path) -> dict[str, Any]:
+    """The input settings (``image_size``, ``normalization``) a checkpoint or exported file records.
+
+    Lightning stores the DataModule's hyperparameters in the checkpoint
+    (``datamodule_hyper_parameters``); ``skinfusion export --format safetensors`` stores them in the
+    file's metadata. Missing settings are simply absent from the result.
+    """
+    path = Path(path)
+    found: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        for key in ("image_size", "normalization"):
+            if metadata.get(key):
+                found[key] = json.loads(metadata[key])
+        return found
+    from skinfusion.io import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    for section in ("hyper_parameters", "datamodule_hyper_parameters"):  # the DataModule's wins
+        values = ckpt.get(section) or {}
+        for key in ("image_size", "normalization"):
+            if values.get(key) is not None:
+                found[key] = values[key]
+    return found
+
+
+def _load_model(source: str | Path) -> tuple[nn.Module, list[str] | None]:
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        from skinfusion.export import load_safetensors_export
+
+        net, class_names, _ = load_safetensors_export(path)
+        return net, class_names
+    from skinfusion.module import SkinFusionModule
+
+    module = SkinFusionModule.from_checkpoint(str(path))
+    return module.net, list(module.class_names)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Reads, resizes and normalises the images of ``records`` (runs in DataLoader workers)."""
+
+    def __init__(self, records: Sequence[Record], image_size: int, normalization: str, meta: bool) -> None:
+        from skinfusion.data.transforms import build_transforms
+
+        self.records = list(records)
+        self.image_size = image_size
+        self.transform = build_transforms("predict", image_size=image_size, normalization=normalization)
+        self.meta = meta
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from skinfusion.data.imageio import image_size, read_image
+
+        record = self.records[index]
+        try:
+            width, height = image_size(record.image)
+            # Decoding big JPEGs at reduced DCT scale: the shortest side stays >= the network input.
+            rgb = read_image(record.image, max_side=self.image_size, side="shortest")
+        except DataError as error:
+            return {"index": index, "error": error}
+        item: dict[str, Any] = {
+            "index": index,
+            "image": self.transform(image=rgb)["image"],
+            "size": (width, height),
+        }
+        if self.meta:
+            from skinfusion.data.dataset import encode_metadata
+
+            item["meta"] = torch.from_numpy(encode_metadata(record.meta))
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictor
+# ---------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """Batched prediction on image files, with test-time augmentation and post-processing.
+
+    Args:
+        model: a :class:`~skinfusion.module.SkinFusionModule`, any ``nn.Module`` whose
+            ``forward(image, meta=None)`` returns a :class:`~skinfusion.nn.output.SkinFusionOutput`, or
+            the path of a skinfusion checkpoint (``.ckpt``, loaded safely) or safetensors export.
+        image_size: network input side; default: the checkpoint's DataModule ``image_size``, else 224.
+        normalization: ``"imagenet"`` or ``"unit"``; default: the checkpoint's, else ``"imagenet"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (CUDA when available).
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers that decode images in parallel (0: in this process).
+        tta: average the outputs over flips (4 views) ...
+        rot90: ... and 90-degree rotations/transposes (8 views); implies ``tta``.
+        postprocess: mask post-processing; default ``PostProcess()`` (threshold 0.5, largest
+            component, holes filled).
+        temperature: class logits are divided by it before the softmax (see
+            :func:`skinfusion.calibration.fit_temperature`).
+        class_names: names of the class columns; default the module's or checkpoint's, else the
+            first K ISIC classes.
+        skip_errors: log and skip unreadable images instead of raising :class:`DataError`.
+        progress: show a tqdm progress bar.
+
+    Raises:
+        ValueError: a non-positive size/batch size/temperature, or class names that do not match
+            the network's number of classes.
+
+    Example:
+        >>> predictor = Predictor("best.ckpt", tta=True)
+        >>> predictor.write(predictor.predict_paths("ISIC2018_Task1-2_Test_Input"), "out", overlays=True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | Path,
+        image_size: int | None = None,
+        normalization: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        tta: bool = False,
+        rot90: bool = False,
+        postprocess: PostProcess | None = None,
+        temperature: float = 1.0,
+        class_names: Sequence[str] | None = None,
+        skip_errors: bool = False,
+        progress: bool = True,
+    ) -> None:
+        settings: dict[str, Any] = {}
+        if isinstance(model, (str, Path)):
+            settings = checkpoint_settings(model)
+            net, stored_names = _load_model(model)
+        else:
+            hparams = getattr(model, "hparams", None) or {}
+            settings = {k: hparams[k] for k in ("image_size", "normalization") if hparams.get(k) is not None}
+            net = getattr(model, "net", model)
+            stored_names = list(getattr(model, "class_names", None) or []) or None
+        image_size = int(image_size or settings.get("image_size") or DEFAULT_IMAGE_SIZE)
+        normalization = normalization or settings.get("normalization") or DEFAULT_NORMALIZATION
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a positive number, got {temperature}")
+        if normalization not in ("imagenet", "unit"):
+            raise ValueError(f"normalization must be 'imagenet' or 'unit', got {normalization!r}")
+        num_classes = getattr(net, "num_classes", None)
+        names = list(class_names or stored_names or ISIC_CLASSES[: num_classes or len(ISIC_CLASSES)])
+        if num_classes is not None and getattr(net, "classifier", True) is not None and len(names) != num_classes:
+            raise ValueError(f"{len(names)} class names {names} for a {num_classes}-class network")
+        self.device = _resolve_device(device)
+        self.net = net.to(self.device).eval()
+        self.class_names = tuple(names)
+        self.image_size = image_size
+        self.normalization = normalization
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.tta = tta or rot90
+        self.rot90 = rot90
+        self.postprocess = postprocess if postprocess is not None else PostProcess()
+        self.temperature = float(temperature)
+        self.skip_errors = skip_errors
+        self.progress = progress
+        self.meta_dim = int(getattr(net, "meta_dim", 0) or 0)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, normalization={self.normalization!r}, "
+            f"device={str(self.device)!r}, batch_size={self.batch_size}, tta={self.tta}, rot90={self.rot90}, "
+            f"temperature={self.temperature}, postprocess={self.postprocess!r})"
+        )
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def forward(
+        self, images: torch.Tensor, meta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Run the network on a normalised batch (with TTA when enabled).
+
+        Shape:
+            images (B,3,S,S) -> mask probabilities (B,1,S,S) | None, class probabilities (B,K) | None,
+            attention maps {name: (B,1,h,w)} (of the un-augmented view).
+        """
+        from skinfusion.calibration import tta_flips
+
+        images = images.to(self.device, non_blocking=True)
+        meta = None if meta is None else meta.to(self.device, non_blocking=True)
+        attention: dict[str, torch.Tensor] = {}
+
+        def run(view: torch.Tensor):
+            output = self.net(view, meta)
+            if not attention:  # tta_flips evaluates the identity view first
+                attention.update(output.attention)
+            return output
+
+        if self.tta:
+            mask_logits, class_logits = tta_flips(run, images, rot90=self.rot90)
+        else:
+            output = run(images)
+            mask_logits, class_logits = output.mask_logits, output.class_logits
+        mask_prob = None if mask_logits is None else mask_logits.float().sigmoid()
+        class_prob = None if class_logits is None else (class_logits.float() / self.temperature).softmax(-1)
+        return mask_prob, class_prob, {k: v.float() for k, v in attention.items()}
+
+    def predict_paths(self, sources: Any, subset: str | None = None) -> Iterator[Prediction]:
+        """Predict every image of ``sources`` (see :func:`collect_records` for what a source may be).
+
+        Returns:
+            A lazy iterator of :class:`Prediction`, in input order (masks at the original size).
+        """
+        return self.predict_records(collect_records(sources, subset=subset))
+
+    def predict_records(self, records: Sequence[Record]) -> Iterator[Prediction]:
+        """Predict the images of ``records`` in batches (a lazy iterator, in input order)."""
+        from tqdm.auto import tqdm
+
+        records = list(records)
+        dataset = _ImageDataset(records, self.image_size, self.normalization, meta=self.meta_dim > 0)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        with tqdm(total=len(records), desc="predict", unit="img", disable=not self.progress) as bar:
+            for items in loader:
+                good = []
+                for item in items:
+                    if "error" not in item:
+                        good.append(item)
+                    elif self.skip_errors:
+                        log.warning("skipping unreadable image: %s", item["error"])
+                    else:
+                        raise item["error"]
+                if good:
+                    yield from self._predict_items(good, records)
+                bar.update(len(items))
+
+    def _predict_items(self, items: list[dict[str, Any]], records: Sequence[Record]) -> Iterator[Prediction]:
+        images = torch.stack([item["image"] for item in items])
+        meta = torch.stack([item["meta"] for item in items]) if self.meta_dim else None
+        mask_prob, class_prob, attention = self.forward(images, meta)
+        mask_prob = None if mask_prob is None else mask_prob[:, 0].cpu().numpy()
+        class_prob = None if class_prob is None else class_prob.double().cpu().numpy()
+        attention = {k: v[:, 0].cpu().numpy() for k, v in attention.items()}
+        for row, item in enumerate(items):
+            record = records[item["index"]]
+            width, height = item["size"]
+            mask = None
+            if mask_prob is not None:
+                mask = self.postprocess(mask_prob[row], size=(width, height))
+            probabilities = None
+            if class_prob is not None:
+                probabilities = class_prob[row] / class_prob[row].sum()
+            yield Prediction(
+                id=record.id,
+                image=Path(record.image),
+                size=(int(width), int(height)),
+                mask=mask,
+                mask_prob=None if mask_prob is None else mask_prob[row],
+                probabilities=probabilities,
+                class_names=self.class_names,
+                attention={k: v[row] for k, v in attention.items()},
+                record=record,
+            )
+
+    # ------------------------------------------------------------------ writing
+    def write(
+        self,
+        results: Iterable[Prediction],
+        out_dir: str | Path,
+        masks: bool = True,
+        csv: bool = True,
+        overlays: bool = False,
+        json: bool = False,
+        overlay_max_side: int | None = None,
+        attention_map: str | None = None,
+        csv_name: str = CSV_NAME,
+    ) -> dict[str, Any]:
+        """Write predictions to ``out_dir`` (layout in the module docstring); each file atomically.
+
+        Args:
+            results: predictions, e.g. :meth:`predict_paths`'s iterator (consumed here).
+            out_dir: output folder (created).
+            masks: write ``masks/<id>_segmentation.png`` (8-bit L, {0,255}, original size).
+            csv: write the Task 3 CSV ``<csv_name>`` (once every image is done).
+            overlays: write ``overlays/<id>_overlay.png``.
+            json: write ``json/<id>.json``.
+            overlay_max_side: downscale overlays so that their longest side is at most this.
+            attention_map: attention map shown in overlays (default ``classifier``, else the last).
+            csv_name: file name of the CSV.
+
+        Returns:
+            ``{"num_images": n, "masks": folder|None, "csv": path|None, "overlays": folder|None,
+            "json": folder|None}``.
+        """
+        import json as json_module
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ids: list[str] = []
+        rows: list[np.ndarray] = []
+        wrote_masks = False
+        for prediction in results:
+            ids.append(prediction.id)
+            if masks and prediction.mask is not None:
+                write_mask(out_dir / MASKS_DIR / mask_filename(prediction.id), prediction.mask)
+                wrote_masks = True
+            if csv and prediction.probabilities is not None:
+                rows.append(prediction.probabilities)
+            if overlays:
+                overlay = prediction_overlay(prediction, attention_map=attention_map, max_side=overlay_max_side)
+                atomic_write_bytes(out_dir / OVERLAYS_DIR / f"{prediction.id}_overlay.png", _png_bytes(overlay))
+            if json:
+                text = json_module.dumps(prediction.to_json(), indent=2)
+                atomic_write_bytes(out_dir / JSON_DIR / f"{prediction.id}.json", text.encode("utf-8"))
+        csv_path = None
+        if csv and rows:
+            if len(rows) != len(ids):
+                raise ValueError("some predictions have class probabilities and others not")
+            csv_path = out_dir / csv_name
+            write_csv(csv_path, ids, np.stack(rows), self.class_names)
+        return {
+            "num_images": len(ids),
+            "masks": str(out_dir / MASKS_DIR) if wrote_masks else None,
+            "csv": None if csv_path is None else str(csv_path),
+            "overlays": str(out_dir / OVERLAYS_DIR) if overlays and ids else None,
+            "json": str(out_dir / JSON_DIR) if json and ids else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the :class:`Predictor` options (model, input size, TTA, post-processing) to ``parser``."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--ckpt", required=True, help="skinfusion checkpoint (.ckpt) or safetensors export")
+    group.add_argument("--image-size", type=int, default=None, help="network input side (default: checkpoint's, else 224)")
+    group.add_argument(
+        "--normalization", choices=("imagenet", "unit"), default=None, help="input normalisation (default: checkpoint's)"
+    )
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    group.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
+    group.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips (4 views)")
+    group.add_argument("--rot90", action="store_true", help="also 90-degree rotations and transposes (8 views)")
+    group.add_argument("--temperature", type=float, default=1.0, help="divide class logits by T before softmax")
+    post = parser.add_argument_group("mask post-processing")
+    post.add_argument("--threshold", type=float, default=0.5, help="lesion where probability > this (default: 0.5)")
+    post.add_argument("--opening-radius", type=int, default=0, help="morphological opening radius in pixels")
+    post.add_argument("--min-size", type=int, default=0, help="drop components smaller than this many pixels")
+    post.add_argument("--no-fill-holes", action="store_true", help="keep holes inside the lesion")
+    post.add_argument("--no-largest-component", action="store_true", help="keep every component, not the largest")
+    post.add_argument("--fallback", action="store_true", help="never output an empty mask (region around the peak)")
+
+
+def predictor_from_args(args: argparse.Namespace) -> Predictor:
+    """Build the :class:`Predictor` that :func:`add_predictor_arguments`'s options describe."""
+    postprocess = PostProcess(
+        threshold=args.threshold,
+        fill_holes=not args.no_fill_holes,
+        largest_component=not args.no_largest_component,
+        opening_radius=args.opening_radius,
+        min_size=args.min_size,
+        fallback=args.fallback,
+    )
+    return Predictor(
+        args.ckpt,
+        image_size=args.image_size,
+        normalization=args.normalization,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        tta=args.tta,
+        rot90=args.rot90,
+        postprocess=postprocess,
+        temperature=args.temperature,
+        skip_errors=getattr(args, "skip_errors", False),
+        progress=not getattr(args, "no_progress", False),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinfusion predict-images",
+        description=(
+            "Predict lesion masks (ISIC Task 1 PNGs at the original image size) and diagnosis probabilities "
+            "(ISIC Task 3 CSV) for image files, with optional overlays and per-image JSON."
+        ),
+        epilog=(
+            "Outputs: OUT/masks/<id>_segmentation.png, OUT/predictions.csv, OUT/overlays/<id>_overlay.png, "
+            "OUT/json/<id>.json. Example: skinfusion predict-images --ckpt best.ckpt ISIC2018_Task1-2_Test_Input "
+            "--out submission --tta --overlays"
+        ),
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files, folders of images, ISIC 2018 layout folders, or manifest CSVs (image,mask,label,...)",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--subset", default=None, help="ISIC subset when a layout folder holds several (e.g. Test)")
+    add_predictor_arguments(parser)
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--no-masks", action="store_true", help="do not write mask PNGs")
+    out.add_argument("--no-csv", action="store_true", help="do not write the Task 3 CSV")
+    out.add_argument("--overlays", action="store_true", help="write overlay PNGs (contour, attention, top-3)")
+    out.add_argument("--json", action="store_true", help="write one JSON file per image")
+    out.add_argument("--overlay-max-side", type=int, default=None, help="downscale overlays to this longest side")
+    out.add_argument("--attention-map", default=None, help="attention map in overlays (default: classifier/last)")
+    out.add_argument("--csv-name", default=CSV_NAME, help=f"CSV file name (default: {CSV_NAME})")
+    out.add_argument("--skip-errors", action="store_true", help="skip unreadable images instead of stopping")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def predict_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``skinfusion predict-images``: predict files and write masks, CSV, overlays and JSON.
+
+    Returns:
+        The summary of :meth:`Predictor.write` (also printed).
+    """
+    args = build_parser().parse_args(argv)
+    predictor = predictor_from_args(args)
+    summary = predictor.write(
+        predictor.predict_paths(args.inputs, subset=args.subset),
+        args.out,
+        masks=not args.no_masks,
+        csv=not args.no_csv,
+        overlays=args.overlays,
+        json=args.json,
+        overlay_max_side=args.overlay_max_side,
+        attention_map=args.attention_map,
+        csv_name=args.csv_name,
+    )
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    predict_main()
