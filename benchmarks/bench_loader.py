@@ -95,7 +95,7 @@ def main() -> None:
         workdir = Path(tmp)
         originals, what = _originals(args.n, workdir, args.fake_size)
         start = time.perf_counter()
-        prepare([_Fixed(originals)], workdir / "cache", size=256, workers=2, class_names=None, progress=False)
+        prepare([_Fixed(originals)], workdir / "cache", size=256, workers=1, class_names=None, progress=False)
         prepare_s = time.perf_counter() - start
         cached = create_reader("manifest", workdir / "cache" / "manifest.csv").read()
         sizes = {
@@ -103,7 +103,7 @@ def main() -> None:
             "cache": np.mean([Path(r.image).stat().st_size for r in cached]) / 1024,
         }
         print(f"{args.n} images: {what}; batch {args.batch_size}, {args.workers} workers, output 224 px")
-        print(f"prepare (256 px cache, 2 processes): {prepare_s:.1f} s = {args.n / prepare_s:.0f} images/s")
+        print(f"prepare (256 px cache, 1 process): {prepare_s:.1f} s = {args.n / prepare_s:.0f} images/s")
         from_cache = _throughput(cached, args)
         print(f"from the prepared cache   ({sizes['cache']:.0f} KiB/image): {from_cache:7.1f} images/s")
         from_originals = _throughput(originals, args)

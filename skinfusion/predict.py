@@ -124,7 +124,9 @@ def _read_manifest(path: Path) -> list[Record]:
         records = [
             Record(
                 image=Path(row["orig_image"]) if row.get("orig_image") else record.image,
-                mask=Path(row["orig_mask"]) if row.get("orig_mask") else (None if row.get("orig_image") else record.mask),
+                mask=Path(row["orig_mask"])
+                if row.get("orig_mask")
+                else (None if row.get("orig_image") else record.mask),
                 label=record.label,
                 lesion_id=record.lesion_id,
                 meta=record.meta,
@@ -199,9 +201,7 @@ def collect_records(
     seen: dict[str, Path] = {}
     for record in records:
         if record.id in seen and Path(seen[record.id]) != Path(record.image):
-            raise DataError(
-                record.image, f"image id {record.id} also names {seen[record.id]}; outputs are named by id"
-            )
+            raise DataError(record.image, f"image id {record.id} also names {seen[record.id]}; outputs are named by id")
         seen[record.id] = Path(record.image)
     return records
 
@@ -415,7 +415,7 @@ def prediction_overlay(
     image = _downscale(read_image(prediction.image, max_side=max_side), max_side)
     lines = [f"{name} {prob:.1%}" for name, prob in prediction.top_k(3)]
     if prediction.mask is not None:
-        lines.append(f"lesion {prediction.mask_area:.1%} of image")
+        lines.append(f"lesion {prediction.mask_area:.1%}")
     heat = _pick_attention(prediction.attention, attention_map)
     return render_overlay(image, prediction.mask, heat, lines, alpha=alpha)
 
@@ -783,9 +783,14 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the :class:`Predictor` options (model, input size, TTA, post-processing) to ``parser``."""
     group = parser.add_argument_group("model")
     group.add_argument("--ckpt", required=True, help="skinfusion checkpoint (.ckpt) or safetensors export")
-    group.add_argument("--image-size", type=int, default=None, help="network input side (default: checkpoint's, else 224)")
     group.add_argument(
-        "--normalization", choices=("imagenet", "unit"), default=None, help="input normalisation (default: checkpoint's)"
+        "--image-size", type=int, default=None, help="network input side (default: checkpoint's, else 224)"
+    )
+    group.add_argument(
+        "--normalization",
+        choices=("imagenet", "unit"),
+        default=None,
+        help="input normalisation (default: checkpoint's)",
     )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")

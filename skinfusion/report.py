@@ -1,0 +1,412 @@
+"""Evaluation report: the official ISIC metrics at the original resolution, tables, plots and a gallery.
+
+:func:`evaluate` scores predictions against the truth that a set of records carries and writes::
+
+    out_dir/
+      metrics.json                 task1/* (Task 1 means) and task3/* (balanced accuracy, per-class
+                                   and macro metrics), computed by skinfusion.metrics.isic exactly
+                                   as the official isic-challenge-scoring package, plus the
+                                   confusion matrix
+      per_class.md                 a markdown table with one row per class
+      per_image_segmentation.csv   Task 1 metrics of every image with a mask
+      confusion_matrix.png         rows: truth, columns: prediction (counts; colour = row fraction)
+      roc_curves.png               one-vs-rest ROC curve of every class present in the truth
+      worst_segmentations/         the N lowest-Jaccard images: truth contour green, prediction magenta
+      predictions/                 (when a Predictor is given) the masks and CSV that were scored
+
+Records with a mask are scored for Task 1 (at the mask's own, original resolution), records with a
+label for Task 3; a record may have both or one. Task 3 parts are left out when no record has a
+label, Task 1 parts when none has a mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from skinfusion.data.records import Record
+from skinfusion.errors import DataError
+from skinfusion.metrics.isic import (
+    SEGMENTATION_METRICS,
+    classification_scores,
+    read_classification_csv,
+    read_segmentation_mask,
+    roc_curve,
+    segmentation_image_scores,
+)
+from skinfusion.predict import (
+    CSV_NAME,
+    MASKS_DIR,
+    Predictor,
+    _png_bytes,
+    add_predictor_arguments,
+    atomic_write_bytes,
+    collect_records,
+    mask_filename,
+    predictor_from_args,
+    render_overlay,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "evaluate_main", "score_predictions"]
+
+_PER_CLASS_COLUMNS = (
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("auc", "AUC"),
+    ("auc_sens_80", "AUC (sens>80%)"),
+    ("ap", "AP"),
+    ("ppv", "PPV"),
+    ("npv", "NPV"),
+    ("dice", "F1"),
+    ("accuracy", "accuracy"),
+)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return _json_value(value.item())
+    return value
+
+
+def _prediction_files(predictions: str | Path) -> tuple[Path | None, Path | None]:
+    """``(masks folder, CSV)`` of a prediction folder written by :meth:`Predictor.write` (or a bare mask folder)."""
+    folder = Path(predictions)
+    if not folder.is_dir():
+        raise DataError(folder, "prediction folder not found")
+    masks = folder / MASKS_DIR if (folder / MASKS_DIR).is_dir() else None
+    if masks is None and any(p.name.endswith("_segmentation.png") for p in folder.iterdir()):
+        masks = folder
+    csv_path = folder / CSV_NAME if (folder / CSV_NAME).is_file() else None
+    if masks is None and csv_path is None:
+        raise DataError(folder, f"holds neither {MASKS_DIR}/ nor {CSV_NAME}")
+    return masks, csv_path
+
+
+def score_predictions(
+    records: Sequence[Record], masks_dir: str | Path | None, csv_path: str | Path | None
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """Score predicted masks and a Task 3 CSV against the truth of ``records``.
+
+    Args:
+        records: records with a ``mask`` and/or a ``label``.
+        masks_dir: folder of ``<id>_segmentation.png`` predictions (needed when a record has a mask).
+        csv_path: Task 3 CSV ``image,<class>...`` (needed when a record has a label); its class
+            columns are the classes scored.
+
+    Returns:
+        ``(metrics, per-image Task 1 rows, classification data)``: ``metrics`` is flat
+        (``task1/<metric>``, ``task1/num_images``, ``task3/balanced_accuracy``,
+        ``task3/<metric>/<class>``, ``task3/macro/<metric>``, ``task3/num_images``); each per-image row
+        is ``{"id", "image", "mask", <metric>...}``; the classification data is ``{"class_names",
+        "truth" (N,), "probabilities" (N,K)}`` or ``None``.
+
+    Raises:
+        DataError: a missing prediction, a predicted mask whose size differs from the truth, or a
+            label that is not one of the CSV's classes.
+    """
+    metrics: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    with_mask = [r for r in records if r.mask]
+    if with_mask:
+        from skinfusion.data.imageio import read_mask
+
+        if masks_dir is None:
+            raise DataError(None, f"{len(with_mask)} records have masks but no predicted masks were given")
+        for record in with_mask:
+            pred_path = Path(masks_dir) / mask_filename(record.id)
+            if not pred_path.is_file():
+                raise DataError(pred_path, f"no predicted mask for {record.id}")
+            truth = read_mask(record.mask).astype(bool)
+            scores = segmentation_image_scores(read_segmentation_mask(pred_path), truth, image_id=record.id)
+            rows.append({"id": record.id, "image": str(record.image), "mask": str(pred_path), **scores})
+        for name in SEGMENTATION_METRICS:  # the official "macro average": every image weighs the same
+            metrics[f"task1/{name}"] = float(np.mean([row[name] for row in rows]))
+        metrics["task1/num_images"] = len(rows)
+
+    labelled = [r for r in records if r.label]
+    classification = None
+    if labelled:
+        if csv_path is None:
+            raise DataError(None, f"{len(labelled)} records have labels but no prediction CSV was given")
+        import pandas as pd
+
+        class_names = [str(c) for c in pd.read_csv(csv_path, nrows=0).columns if c != "image"]
+        ids, probabilities = read_classification_csv(csv_path, class_names)
+        row_of = {image_id: i for i, image_id in enumerate(ids)}
+        missing = [r.id for r in labelled if r.id not in row_of]
+        if missing:
+            raise DataError(csv_path, f"no prediction for labelled images {missing[:10]}")
+        unknown = sorted({r.label for r in labelled} - set(class_names))
+        if unknown:
+            raise DataError(csv_path, f"labels {unknown} are not among the CSV's classes {class_names}")
+        truth = np.array([class_names.index(r.label) for r in labelled])
+        probabilities = probabilities[[row_of[r.id] for r in labelled]]
+        scores = classification_scores(probabilities, truth, class_names)
+        metrics.update({f"task3/{k}": v for k, v in scores.items()})
+        metrics["task3/num_images"] = len(labelled)
+        classification = {"class_names": class_names, "truth": truth, "probabilities": probabilities}
+    if not with_mask and not labelled:
+        raise DataError(None, "no record has a mask or a label: nothing to evaluate")
+    return metrics, rows, classification
+
+
+def confusion_matrix(truth: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """(K,K) counts: rows are true classes, columns the arg-max predictions."""
+    k = probabilities.shape[1]
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (truth, probabilities.argmax(axis=1)), 1)
+    return matrix
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _per_class_markdown(metrics: dict[str, Any], classification: dict[str, Any] | None) -> str:
+    lines = ["# Evaluation report", ""]
+    if "task1/num_images" in metrics:
+        lines += [
+            f"## Task 1 — lesion segmentation ({metrics['task1/num_images']} images, original resolution)",
+            "",
+            "| metric | mean |",
+            "| --- | --- |",
+            *(f"| {name} | {_fmt(metrics[f'task1/{name}'])} |" for name in SEGMENTATION_METRICS),
+            "",
+            "`threshold_jaccard` (Jaccard, 0 below 0.65) is the ISIC 2018 Task 1 ranking metric.",
+            "",
+        ]
+    if classification is not None:
+        names = classification["class_names"]
+        support = np.bincount(classification["truth"], minlength=len(names))
+        lines += [
+            f"## Task 3 — diagnosis ({metrics['task3/num_images']} images)",
+            "",
+            f"Balanced multi-class accuracy (ISIC 2018 Task 3 ranking metric): "
+            f"**{_fmt(metrics['task3/balanced_accuracy'])}**",
+            "",
+            "| class | support | " + " | ".join(title for _, title in _PER_CLASS_COLUMNS) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in _PER_CLASS_COLUMNS) + " |",
+        ]
+        for index, name in enumerate(names):
+            cells = [_fmt(metrics.get(f"task3/{key}/{name}")) for key, _ in _PER_CLASS_COLUMNS]
+            lines.append(f"| {name} | {int(support[index])} | " + " | ".join(cells) + " |")
+        cells = [_fmt(metrics.get(f"task3/macro/{key}")) for key, _ in _PER_CLASS_COLUMNS]
+        lines += [
+            f"| macro | {int(support.sum())} | " + " | ".join(cells) + " |",
+            "",
+            "One-vs-rest, a probability > 0.5 counting as positive (the official scorer's rule); "
+            "n/a: the class is absent from the truth.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _figure_bytes(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str]) -> bytes:
+    """PNG of a confusion matrix: counts written in the cells, colour = fraction of the true class."""
+    from matplotlib.figure import Figure
+
+    rows = matrix.sum(axis=1, keepdims=True)
+    fraction = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
+    k = len(class_names)
+    figure = Figure(figsize=(1.0 + 0.7 * k, 0.8 + 0.7 * k))
+    axes = figure.add_subplot()
+    image = axes.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
+    axes.set_xticks(range(k), class_names, rotation=45, ha="right")
+    axes.set_yticks(range(k), class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            axes.text(
+                j, i, str(matrix[i, j]), ha="center", va="center", color="white" if fraction[i, j] > 0.5 else "black"
+            )
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of true class")
+    return _figure_bytes(figure)
+
+
+def plot_roc_curves(truth: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str], metrics: dict) -> bytes:
+    """PNG of the one-vs-rest ROC curve of every class present (and absent) in the truth."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 5.5))
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    for index, name in enumerate(class_names):
+        positives = truth == index
+        if positives.all() or not positives.any():
+            axes.plot([], [], label=f"{name} (not scorable: one class only)")
+            continue
+        fpr, tpr, _ = roc_curve(positives, probabilities[:, index])
+        auc = metrics.get(f"task3/auc/{name}")
+        axes.plot(fpr, tpr, label=f"{name} (AUC {_fmt(auc)})")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.01)
+    axes.set_xlabel("false positive rate (1 - specificity)")
+    axes.set_ylabel("true positive rate (sensitivity)")
+    axes.set_title("ROC curves, one class vs rest")
+    axes.legend(loc="lower right", fontsize=8)
+    return _figure_bytes(figure)
+
+
+def write_worst_gallery(
+    rows: Sequence[dict[str, Any]], records: Sequence[Record], out_dir: str | Path, n: int = 8, max_side: int = 512
+) -> list[Path]:
+    """Write overlays of the ``n`` lowest-Jaccard images: truth contour green, prediction magenta.
+
+    Files are named ``<rank>_<id>.png`` (rank 01 is the worst) with the Jaccard in the text strip.
+    """
+    from skinfusion.data.imageio import read_image, read_mask
+
+    by_id = {r.id: r for r in records}
+    worst = sorted(rows, key=lambda row: (row["jaccard"], row["id"]))[:n]
+    written = []
+    for rank, row in enumerate(worst, start=1):
+        record = by_id[row["id"]]
+        image = read_image(record.image, max_side=max_side)
+        if max(image.shape[:2]) < max_side // 2:  # enlarge tiny images so the contours stay readable
+            scale = (max_side // 2) / max(image.shape[:2])
+            size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        truth = read_mask(record.mask).astype(bool)
+        pred = read_segmentation_mask(row["mask"]) > 128
+        lines = [f"{row['id']} Jaccard {row['jaccard']:.3f}", "green truth, magenta prediction"]
+        overlay = render_overlay(
+            image, mask=pred, extra_mask=truth, extra_color=(0, 255, 0), contour_color=(255, 0, 255), lines=lines
+        )
+        path = Path(out_dir) / f"{rank:02d}_{row['id']}.png"
+        atomic_write_bytes(path, _png_bytes(overlay))
+        written.append(path)
+    return written
+
+
+def evaluate(
+    predictions: Predictor | str | Path,
+    truth: str | Path | Record | Sequence[str | Path | Record],
+    out_dir: str | Path,
+    worst: int = 8,
+    subset: str | None = None,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Score predictions against the truth and write an evaluation report folder (see the module docstring).
+
+    Args:
+        predictions: a :class:`~skinfusion.predict.Predictor` (it predicts the truth's images and
+            writes them to ``out_dir/predictions``, which are then scored), or a prediction folder
+            written by :meth:`Predictor.write` (``masks/`` and/or ``predictions.csv``).
+        truth: what :func:`~skinfusion.predict.collect_records` accepts: a manifest CSV (a prepared
+            manifest is read at the original resolution via ``orig_image``/``orig_mask``), an ISIC
+            2018 layout folder, or records.
+        out_dir: report folder (created; files are replaced atomically).
+        worst: number of images in ``worst_segmentations/`` (0: none).
+        subset: ISIC subset when a layout folder holds several.
+        split: keep only records whose ``meta["split"]`` is this (``train``/``val``/``test``).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+
+    Raises:
+        DataError: see :func:`score_predictions`; or no record is left after ``split``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = collect_records(truth, subset=subset)
+    if split is not None:
+        records = [r for r in records if r.meta.get("split") == split]
+        if not records:
+            raise DataError(None, f"no record in split {split!r}")
+    records = [r for r in records if r.mask or r.label]
+    if isinstance(predictions, Predictor):
+        predictions.write(predictions.predict_records(records), out_dir / "predictions", masks=True, csv=True)
+        predictions = out_dir / "predictions"
+    masks_dir, csv_path = _prediction_files(predictions)
+    metrics, rows, classification = score_predictions(records, masks_dir, csv_path)
+
+    report = {k: _json_value(v) for k, v in metrics.items()}
+    if classification is not None:
+        matrix = confusion_matrix(classification["truth"], classification["probabilities"])
+        report["confusion_matrix"] = {"class_names": classification["class_names"], "counts": matrix.tolist()}
+    atomic_write_bytes(out_dir / "metrics.json", json.dumps(report, indent=2).encode("utf-8"))
+    atomic_write_bytes(out_dir / "per_class.md", _per_class_markdown(metrics, classification).encode("utf-8"))
+    if rows:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(
+            buffer, fieldnames=["id", *SEGMENTATION_METRICS], extrasaction="ignore", lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(out_dir / "per_image_segmentation.csv", buffer.getvalue().encode("utf-8"))
+        if worst > 0:
+            write_worst_gallery(rows, records, out_dir / "worst_segmentations", n=worst)
+    if classification is not None:
+        names = classification["class_names"]
+        atomic_write_bytes(out_dir / "confusion_matrix.png", plot_confusion_matrix(matrix, names))
+        atomic_write_bytes(
+            out_dir / "roc_curves.png",
+            plot_roc_curves(classification["truth"], classification["probabilities"], names, metrics),
+        )
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinfusion evaluate",
+        description=(
+            "Score predictions with the official ISIC 2018 metrics (original resolution) and write a report folder: "
+            "metrics.json, per_class.md, confusion_matrix.png, roc_curves.png, worst_segmentations/."
+        ),
+        epilog=(
+            "Either --predictions DIR (written by predict-images) or --ckpt CKPT (predict first). Example: "
+            "skinfusion evaluate --ckpt best.ckpt --truth data/manifest.csv --split test --out report"
+        ),
+    )
+    parser.add_argument("--truth", required=True, help="manifest CSV or ISIC 2018 layout folder with masks/labels")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--predictions", default=None, help="prediction folder (masks/, predictions.csv) to score")
+    parser.add_argument("--subset", default=None, help="ISIC subset when the truth folder holds several")
+    parser.add_argument("--split", choices=("train", "val", "test"), default=None, help="only this manifest split")
+    parser.add_argument("--worst", type=int, default=8, help="images in the worst-segmentation gallery (default: 8)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_predictor_arguments(parser)
+    for action in parser._actions:  # --ckpt is needed only without --predictions
+        if action.dest == "ckpt":
+            action.required = False
+    return parser
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``skinfusion evaluate``: score a prediction folder, or a checkpoint's predictions, and write a report."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.predictions is None) == (args.ckpt is None):
+        parser.error("give exactly one of --predictions and --ckpt")
+    source = predictor_from_args(args) if args.ckpt else args.predictions
+    report = evaluate(source, args.truth, args.out, worst=args.worst, subset=args.subset, split=args.split)
+    headline = {k: v for k, v in report.items() if k in ("task1/threshold_jaccard", "task3/balanced_accuracy")}
+    print(json.dumps({"out": str(args.out), **headline}, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    evaluate_main()

@@ -1,0 +1,113 @@
+"""The command line: every experiment config runs, links reach the model, help works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from skinfusion.cli import main
+from skinfusion.data.synthetic import write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").rglob("*.yaml"))
+BASE = REPO / "experiments" / "base.yaml"
+
+TINY = [
+    "--model.net.init_args.encoder=test_resnet",
+    "--model.net.init_args.pretrained=false",
+    "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
+    "--trainer.accelerator=cpu",
+    "--trainer.fast_dev_run=true",
+    "--data.image_size=64",
+    "--data.batch_size=4",
+    "--data.num_workers=0",
+]
+
+
+@pytest.fixture
+def small_manifest(tmp_path) -> Path:
+    """A small prepared manifest (synthetic lesions) standing in for the ISIC 2018 cache."""
+    write_synthetic(tmp_path / "synthetic", n=40, seed=1, size=64)
+    return tmp_path / "synthetic" / "manifest.csv"
+
+
+def _configs_for(path: Path) -> list[str]:
+    configs = ["--config", str(BASE)]
+    if path.name == "cpu.yaml" and path.parent.name == "paper":
+        configs += ["--config", str(path.parent / "full.yaml")]
+    if path != BASE:
+        configs += ["--config", str(path)]
+    return configs
+
+
+def test_every_experiment_is_tested():
+    names = {str(p.relative_to(REPO / "experiments")) for p in EXPERIMENTS}
+    assert {"base.yaml", "quickstart.yaml", "paper/baseline.yaml", "paper/attention.yaml", "paper/fusion.yaml",
+            "paper/full.yaml", "paper/cpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
+def test_experiment_fast_dev_run(config, small_manifest, capsys):
+    main(["fit", *_configs_for(config), *TINY, f"--data.manifest={small_manifest}"])
+    out = capsys.readouterr().out
+    assert "Final validation metrics" in out
+
+
+def test_paper_configs_differ_only_in_switches():
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    paper = REPO / "experiments" / "paper"
+    configs = {name: flat(yaml.safe_load((paper / f"{name}.yaml").read_text())) for name in
+               ("baseline", "attention", "fusion", "full")}
+    switches = {"model.net.init_args.attention", "model.net.init_args.attention_placement",
+                "model.net.init_args.decoder", "model.net.init_args.fusion"}
+    keys = set().union(*configs.values())
+    for key in keys - switches:
+        values = {repr(c.get(key)) for c in configs.values()}
+        assert len(values) == 1, f"{key} differs between paper configs: {values}"
+    assert configs["baseline"]["model.net.init_args.decoder"] is False
+    assert configs["baseline"]["model.net.init_args.attention"] is None
+    assert configs["attention"]["model.net.init_args.attention"] == "spatial"
+    assert configs["fusion"]["model.net.init_args.decoder"] is True
+    assert configs["full"]["model.net.init_args.attention"] == "spatial"
+    assert configs["full"]["model.net.init_args.decoder"] is True
+
+
+def test_links_data_to_model(small_manifest, tmp_path):
+    """num_classes / class_names come from the DataModule (here a 3-class label map)."""
+    from skinfusion.cli import SkinFusionCLI
+    from skinfusion.data.datamodule import SkinFusionDataModule
+    from skinfusion.module import SkinFusionModule
+
+    cli = SkinFusionCLI(
+        SkinFusionModule,
+        SkinFusionDataModule,
+        run=False,
+        args=[*_configs_for(BASE), *[a for a in TINY if "fast_dev_run" not in a], f"--data.manifest={small_manifest}",
+              "--data.class_names=[MEL,NV,SCC]",
+              "--data.label_map={MEL: MEL, NV: NV, BCC: SCC, AKIEC: SCC, BKL: NV, DF: NV, VASC: NV}"],
+    )
+    assert cli.model.net.num_classes == 3
+    assert cli.model.class_names == ["MEL", "NV", "SCC"]
+
+
+def test_top_level_help(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "prepare", "export"):
+        assert command in out
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match="nope.csv"):
+        main(["fit", *_configs_for(BASE), *TINY, f"--data.manifest={tmp_path / 'nope.csv'}"])

@@ -1,0 +1,159 @@
+"""skinfusion.report: metrics.json, per-class table, plots and worst-segmentation gallery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from imgutil import disk, rgb, save
+from modelutil import make_module, save_ckpt
+from PIL import Image
+
+from skinfusion.data.records import ISIC_CLASSES
+from skinfusion.errors import DataError
+from skinfusion.predict import Predictor
+from skinfusion.report import evaluate, evaluate_main
+
+
+def half_mask(w: int, h: int, cols: int) -> np.ndarray:
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, :cols] = 255
+    return mask
+
+
+@pytest.fixture
+def hand_case(tmp_path) -> tuple[Path, Path]:
+    """Four images: A mask+label, B mask only, C and D label only; predictions with known scores.
+
+    Task 1 (20x10 truth = left 10 columns): A predicted exactly (J=1, Dice 1); B predicted as the
+    left 5 columns (TP 50, FN 50: J=0.5 -> thresholded 0, Dice 2*50/150). Task 3 (classes MEL, NV,
+    BCC): A=MEL predicted MEL, C=NV predicted NV, D=NV predicted MEL -> recalls MEL 1, NV 1/2,
+    balanced accuracy 0.75 (BCC absent from the truth: left out).
+    """
+    data = tmp_path / "data"
+    for name in "ABCD":
+        save(data / f"ISIC_000000{'ABCD'.index(name)}.png", rgb(20, 10, seed=ord(name)))
+    save(data / "ISIC_0000000_segmentation.png", half_mask(20, 10, 10))
+    save(data / "ISIC_0000001_segmentation.png", half_mask(20, 10, 10))
+    (data / "manifest.csv").write_text(
+        "image,mask,label\n"
+        "ISIC_0000000.png,ISIC_0000000_segmentation.png,MEL\n"
+        "ISIC_0000001.png,ISIC_0000001_segmentation.png,\n"
+        "ISIC_0000002.png,,NV\n"
+        "ISIC_0000003.png,,NV\n"
+    )
+    pred = tmp_path / "pred"
+    save(pred / "masks" / "ISIC_0000000_segmentation.png", half_mask(20, 10, 10))
+    save(pred / "masks" / "ISIC_0000001_segmentation.png", half_mask(20, 10, 5))
+    (pred / "predictions.csv").write_text(
+        "image,MEL,NV,BCC\n"
+        "ISIC_0000000,0.7,0.2,0.1\n"
+        "ISIC_0000001,0.2,0.2,0.6\n"
+        "ISIC_0000002,0.1,0.8,0.1\n"
+        "ISIC_0000003,0.6,0.3,0.1\n"
+    )
+    return data / "manifest.csv", pred
+
+
+def test_hand_computed_report(tmp_path, hand_case):
+    manifest, pred = hand_case
+    report = evaluate(pred, manifest, tmp_path / "report", worst=5)
+
+    assert report["task1/num_images"] == 2
+    assert report["task1/jaccard"] == pytest.approx(0.75)
+    assert report["task1/threshold_jaccard"] == pytest.approx(0.5)
+    assert report["task1/dice"] == pytest.approx((1 + 2 / 3) / 2)
+    assert report["task1/sensitivity"] == pytest.approx(0.75)
+    assert report["task1/specificity"] == pytest.approx(1.0)
+    assert report["task3/num_images"] == 3
+    assert report["task3/balanced_accuracy"] == pytest.approx(0.75)
+    assert report["task3/sensitivity/NV"] == pytest.approx(0.5)
+    assert report["task3/auc/BCC"] is None  # absent class: NaN in the metrics, null in JSON
+    assert report["confusion_matrix"] == {
+        "class_names": ["MEL", "NV", "BCC"],
+        "counts": [[1, 0, 0], [1, 1, 0], [0, 0, 0]],
+    }
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == report
+
+    table = (tmp_path / "report" / "per_class.md").read_text()
+    for name, support in (("MEL", 1), ("NV", 2), ("BCC", 0)):
+        assert f"| {name} | {support} |" in table
+
+    gallery = sorted((tmp_path / "report" / "worst_segmentations").iterdir())
+    assert [p.name for p in gallery] == ["01_ISIC_0000001.png", "02_ISIC_0000000.png"]  # lowest Jaccard first
+    for png in [*gallery, tmp_path / "report" / "confusion_matrix.png", tmp_path / "report" / "roc_curves.png"]:
+        with Image.open(png) as image:
+            image.load()
+            assert image.width > 0
+    rows = (tmp_path / "report" / "per_image_segmentation.csv").read_text().splitlines()
+    assert rows[0].startswith("id,accuracy")
+    assert len(rows) == 3
+
+
+def test_report_with_predictor(tmp_path):
+    data = tmp_path / "data"
+    lines = ["image,mask,label"]
+    for k in range(6):
+        w, h = 40 + 10 * k, 60 - 5 * k
+        save(data / f"ISIC_{k:07d}.jpg", rgb(w, h, seed=k), quality=95)
+        mask = ""
+        if k % 3 != 2:  # images 2 and 5 have no mask
+            save(data / f"ISIC_{k:07d}_segmentation.png", disk(w, h))
+            mask = f"ISIC_{k:07d}_segmentation.png"
+        label = ISIC_CLASSES[k] if k != 0 else ""  # image 0 has no label
+        lines.append(f"ISIC_{k:07d}.jpg,{mask},{label}")
+    (data / "manifest.csv").write_text("\n".join(lines) + "\n")
+    predictor = Predictor(save_ckpt(tmp_path / "m.ckpt", make_module()), progress=False)
+    report = evaluate(predictor, data / "manifest.csv", tmp_path / "report", worst=3)
+
+    assert report["task1/num_images"] == 4
+    assert report["task3/num_images"] == 5
+    for key in ("task1/threshold_jaccard", "task1/dice", "task3/balanced_accuracy", "task3/macro/auc"):
+        assert key in report
+    for name in ISIC_CLASSES:
+        for metric in ("auc", "sensitivity", "specificity"):
+            assert f"task3/{metric}/{name}" in report
+    assert np.sum(report["confusion_matrix"]["counts"]) == 5
+    table = (tmp_path / "report" / "per_class.md").read_text()
+    assert all(f"| {name} |" in table for name in ISIC_CLASSES)
+    assert len(list((tmp_path / "report" / "worst_segmentations").iterdir())) == 3
+    # every image with some truth is predicted (6); only the 4 with a mask are scored for Task 1
+    assert len(list((tmp_path / "report" / "predictions" / "masks").iterdir())) == 6
+
+
+def test_mask_only_truth(tmp_path, hand_case):
+    manifest, pred = hand_case
+    (pred / "predictions.csv").unlink()
+    only_masks = manifest.parent / "masks_only.csv"
+    only_masks.write_text("image,mask\nISIC_0000000.png,ISIC_0000000_segmentation.png\n")
+    report = evaluate(pred, only_masks, tmp_path / "report")
+    assert report["task1/threshold_jaccard"] == 1.0
+    assert not any(k.startswith("task3/") for k in report)
+    assert not (tmp_path / "report" / "confusion_matrix.png").exists()
+    with pytest.raises(DataError, match="no prediction CSV"):
+        evaluate(pred, manifest, tmp_path / "report2")
+
+
+def test_errors(tmp_path, hand_case):
+    manifest, pred = hand_case
+    (pred / "masks" / "ISIC_0000001_segmentation.png").unlink()
+    with pytest.raises(DataError, match="no predicted mask for ISIC_0000001"):
+        evaluate(pred, manifest, tmp_path / "r1")
+    save(pred / "masks" / "ISIC_0000001_segmentation.png", half_mask(21, 10, 5))
+    with pytest.raises(DataError, match="original image size"):
+        evaluate(pred, manifest, tmp_path / "r2")
+    save(pred / "masks" / "ISIC_0000001_segmentation.png", half_mask(20, 10, 5))
+    manifest.write_text(manifest.read_text().replace(",NV\n", ",DF\n", 1))
+    with pytest.raises(DataError, match="DF"):
+        evaluate(pred, manifest, tmp_path / "r3")
+
+
+def test_evaluate_main(tmp_path, hand_case, capsys):
+    manifest, pred = hand_case
+    report = evaluate_main(["--predictions", str(pred), "--truth", str(manifest), "--out", str(tmp_path / "r")])
+    assert report["task3/balanced_accuracy"] == pytest.approx(0.75)
+    assert "task1/threshold_jaccard" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate_main(["--truth", str(manifest), "--out", str(tmp_path / "r")])  # neither --predictions nor --ckpt
