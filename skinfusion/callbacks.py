@@ -19,7 +19,16 @@ class MetricsSummary(pl.Callback):
 
     def __init__(
         self,
-        keys: tuple[str, ...] = ("loss", "dice", "jaccard", "jaccard_thresholded", "acc", "balanced_acc", "f1_macro", "auroc"),
+        keys: tuple[str, ...] = (
+            "loss",
+            "dice",
+            "jaccard",
+            "jaccard_thresholded",
+            "acc",
+            "balanced_acc",
+            "f1_macro",
+            "auroc",
+        ),
     ) -> None:
         self.keys = tuple(keys)
 

@@ -92,7 +92,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write a state dict as safetensors, atomically (contiguous CPU copies, shared storage split)."""
     from safetensors.torch import save_file
 

@@ -126,8 +126,15 @@ class SkinFusionModule(pl.LightningModule):
         on_step = stage == "train"
         for key, value in losses.items():
             if value.ndim == 0:
-                self.log(f"{stage}/{key}", value.detach(), on_step=on_step, on_epoch=True, prog_bar=key == "loss",
-                         batch_size=batch_size, sync_dist=not on_step)
+                self.log(
+                    f"{stage}/{key}",
+                    value.detach(),
+                    on_step=on_step,
+                    on_epoch=True,
+                    prog_bar=key == "loss",
+                    batch_size=batch_size,
+                    sync_dist=not on_step,
+                )
         self._update_metrics(output, batch, stage)
         return loss
 
@@ -216,8 +223,11 @@ class SkinFusionModule(pl.LightningModule):
         encoder_params = list(self.net.encoder_parameters()) if hasattr(self.net, "encoder_parameters") else []
         encoder_ids = {id(p) for p in encoder_params}
         other_params = [p for p in self.parameters() if id(p) not in encoder_ids]
-        groups = [g for g in ({"params": encoder_params, "name": "encoder"}, {"params": other_params, "name": "head"})
-                  if g["params"]]
+        groups = [
+            g
+            for g in ({"params": encoder_params, "name": "encoder"}, {"params": other_params, "name": "head"})
+            if g["params"]
+        ]
         optimizer = self.optimizer(groups)
         for group in optimizer.param_groups:
             if group.get("name") == "encoder":
@@ -236,7 +246,9 @@ class SkinFusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", **net_overrides: Any) -> SkinFusionModule:
+    def from_checkpoint(
+        cls, path: str, map_location: str | torch.device = "cpu", **net_overrides: Any
+    ) -> SkinFusionModule:
         """Rebuild a trained module from a skinfusion checkpoint without unpickling objects.
 
         The network and loss are rebuilt from the plain configs stored in the checkpoint's

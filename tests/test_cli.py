@@ -43,8 +43,15 @@ def _configs_for(path: Path) -> list[str]:
 
 def test_every_experiment_is_tested():
     names = {str(p.relative_to(REPO / "experiments")) for p in EXPERIMENTS}
-    assert {"base.yaml", "quickstart.yaml", "paper/baseline.yaml", "paper/attention.yaml", "paper/fusion.yaml",
-            "paper/full.yaml", "paper/cpu.yaml"} <= names
+    assert {
+        "base.yaml",
+        "quickstart.yaml",
+        "paper/baseline.yaml",
+        "paper/attention.yaml",
+        "paper/fusion.yaml",
+        "paper/full.yaml",
+        "paper/cpu.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
@@ -67,10 +74,16 @@ def test_paper_configs_differ_only_in_switches():
         return out
 
     paper = REPO / "experiments" / "paper"
-    configs = {name: flat(yaml.safe_load((paper / f"{name}.yaml").read_text())) for name in
-               ("baseline", "attention", "fusion", "full")}
-    switches = {"model.net.init_args.attention", "model.net.init_args.attention_placement",
-                "model.net.init_args.decoder", "model.net.init_args.fusion"}
+    configs = {
+        name: flat(yaml.safe_load((paper / f"{name}.yaml").read_text()))
+        for name in ("baseline", "attention", "fusion", "full")
+    }
+    switches = {
+        "model.net.init_args.attention",
+        "model.net.init_args.attention_placement",
+        "model.net.init_args.decoder",
+        "model.net.init_args.fusion",
+    }
     keys = set().union(*configs.values())
     for key in keys - switches:
         values = {repr(c.get(key)) for c in configs.values()}
@@ -93,9 +106,13 @@ def test_links_data_to_model(small_manifest, tmp_path):
         SkinFusionModule,
         SkinFusionDataModule,
         run=False,
-        args=[*_configs_for(BASE), *[a for a in TINY if "fast_dev_run" not in a], f"--data.manifest={small_manifest}",
-              "--data.class_names=[MEL,NV,SCC]",
-              "--data.label_map={MEL: MEL, NV: NV, BCC: SCC, AKIEC: SCC, BKL: NV, DF: NV, VASC: NV}"],
+        args=[
+            *_configs_for(BASE),
+            *[a for a in TINY if "fast_dev_run" not in a],
+            f"--data.manifest={small_manifest}",
+            "--data.class_names=[MEL,NV,SCC]",
+            "--data.label_map={MEL: MEL, NV: NV, BCC: SCC, AKIEC: SCC, BKL: NV, DF: NV, VASC: NV}",
+        ],
     )
     assert cli.model.net.num_classes == 3
     assert cli.model.class_names == ["MEL", "NV", "SCC"]

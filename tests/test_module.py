@@ -17,8 +17,14 @@ NUM_CLASSES = 3
 
 
 def tiny_net(**kwargs) -> SkinFusionNet:
-    kwargs = {"encoder": "test_resnet", "pretrained": False, "num_classes": NUM_CLASSES,
-              "decoder_channels": (16, 16, 8, 8, 8), "attention": "cbam", **kwargs}
+    kwargs = {
+        "encoder": "test_resnet",
+        "pretrained": False,
+        "num_classes": NUM_CLASSES,
+        "decoder_channels": (16, 16, 8, 8, 8),
+        "attention": "cbam",
+        **kwargs,
+    }
     return SkinFusionNet(**kwargs)
 
 
@@ -49,8 +55,16 @@ class ListData(pl.LightningDataModule):
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
-    kwargs = {"accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_checkpointing": False,
-              "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path, **kwargs}
+    kwargs = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        **kwargs,
+    }
     return pl.Trainer(**kwargs)
 
 
@@ -65,9 +79,22 @@ def test_mixed_batches_log_every_metric(tmp_path):
     t = trainer(tmp_path)
     t.fit(module, ListData(batches))
     metrics = t.callback_metrics
-    for name in ("train/loss_epoch", "val/loss", "val/loss_seg", "val/loss_cls", "val/dice", "val/jaccard",
-                 "val/jaccard_thresholded", "val/acc", "val/balanced_acc", "val/f1_macro", "val/auroc", "val/f1/A",
-                 "val/precision/C", "val/recall/B"):
+    for name in (
+        "train/loss_epoch",
+        "val/loss",
+        "val/loss_seg",
+        "val/loss_cls",
+        "val/dice",
+        "val/jaccard",
+        "val/jaccard_thresholded",
+        "val/acc",
+        "val/balanced_acc",
+        "val/f1_macro",
+        "val/auroc",
+        "val/f1/A",
+        "val/precision/C",
+        "val/recall/B",
+    ):
         assert name in metrics, name
         assert math.isfinite(float(metrics[name])), name
 
@@ -99,8 +126,9 @@ def test_val_metrics_ignore_unlabelled_and_maskless(tmp_path):
 
 
 def test_encoder_lr_multiplier_and_param_groups():
-    module = SkinFusionModule(tiny_net(), encoder_lr_mult=0.1,
-                              optimizer=lambda p: torch.optim.SGD(p, lr=0.5), class_names=["A", "B", "C"])
+    module = SkinFusionModule(
+        tiny_net(), encoder_lr_mult=0.1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), class_names=["A", "B", "C"]
+    )
     optimizer = module.configure_optimizers()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs == {"encoder": pytest.approx(0.05), "head": pytest.approx(0.5)}
@@ -197,9 +225,14 @@ def test_class_names_must_match_network():
         SkinFusionModule(tiny_net(), class_names=["A", "B"])
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"encoder_lr_mult": -1}, "encoder_lr_mult"),
-                                               ({"freeze_encoder_epochs": -1}, "freeze_encoder_epochs"),
-                                               ({"nonfinite_loss": "ignore"}, "nonfinite_loss")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"encoder_lr_mult": -1}, "encoder_lr_mult"),
+        ({"freeze_encoder_epochs": -1}, "freeze_encoder_epochs"),
+        ({"nonfinite_loss": "ignore"}, "nonfinite_loss"),
+    ],
+)
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SkinFusionModule(tiny_net(), class_names=["A", "B", "C"], **kwargs)

@@ -119,5 +119,5 @@ def flatten_metrics(values: dict[str, Tensor], class_names: Sequence[str], prefi
         if value.ndim == 0:
             flat[f"{prefix}/{name}"] = value
         elif value.ndim == 1 and len(value) == len(class_names):
-            flat.update({f"{prefix}/{name}/{c}": v for c, v in zip(class_names, value)})
+            flat.update({f"{prefix}/{name}/{c}": v for c, v in zip(class_names, value, strict=True)})
     return flat
