@@ -1,13 +1,15 @@
 """The ``skinfusion`` command line.
 
-``skinfusion fit|validate|test|predict`` are LightningCLI subcommands configured from YAML
+``skinfusion fit|validate|test`` (and ``predict --config``) are LightningCLI subcommands configured from YAML
 (``--config experiments/base.yaml --config experiments/quickstart.yaml``; the last wins);
-``skinfusion prepare`` builds the resized cache and split manifest; ``skinfusion export``
+``skinfusion prepare`` builds the resized cache and split manifest; ``predict``/``evaluate`` write
+ISIC-format predictions and evaluation reports; ``skinfusion export``
 writes ONNX / TorchScript / safetensors.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -18,20 +20,29 @@ from skinfusion.module import SkinFusionModule
 
 __all__ = ["SkinFusionCLI", "main"]
 
-_EXTRA_COMMANDS = {
-    "prepare": "validate data sources, write a resized cache and a split manifest",
-    "export": "export a trained checkpoint to ONNX, TorchScript or safetensors",
+#: Commands that are not LightningCLI subcommands: name -> (module, function taking argv).
+_COMMANDS = {
+    "prepare": ("skinfusion.data.prepare", "prepare_main"),
+    "predict": ("skinfusion.predict", "predict_main"),
+    "predict-images": ("skinfusion.predict", "predict_main"),
+    "evaluate": ("skinfusion.report", "evaluate_main"),
+    "export": ("skinfusion.export", "export_main"),
 }
+#: With one of these, `skinfusion predict` is LightningCLI's predict subcommand.
+_LIGHTNING_FLAGS = ("--config", "-c", "--print_config", "--ckpt_path", "--trainer", "--model", "--data")
 
-_TOP_HELP = """usage: skinfusion [-h] {fit,validate,test,predict,prepare,export} ...
+_TOP_HELP = """usage: skinfusion [-h] {fit,validate,test,predict,evaluate,prepare,export} ...
 
 Joint lesion segmentation and diagnosis for dermoscopic images.
 
 commands:
-  fit        train a model (LightningCLI; --config FILE.yaml, --print_config to see every option)
-  validate   run one evaluation epoch on the validation split
-  test       run one evaluation epoch on the test split
-  predict    predict masks and class probabilities
+  fit        train a model (LightningCLI; --config FILE.yaml, --print_config shows every option)
+  validate   one evaluation epoch on the validation split (LightningCLI, training resolution)
+  test       one evaluation epoch on the test split (LightningCLI, training resolution)
+  predict    INPUT... --ckpt CKPT --out DIR: ISIC-format masks, class CSV, overlays, JSON at the
+             original image size (with --config: LightningCLI's predict loop instead)
+  evaluate   --truth PATH --ckpt CKPT --out DIR: ISIC challenge metrics at the original
+             resolution, per-class table, confusion matrix, ROC curves, worst segmentations
   prepare    validate data sources, write a resized cache and a split manifest
   export     export a trained checkpoint to ONNX, TorchScript or safetensors
 
@@ -54,15 +65,13 @@ def main(args: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_TOP_HELP)
         return
-    if argv[0] == "prepare":
-        from skinfusion.data.prepare import prepare_main
-
-        prepare_main(argv[1:])
-        return
-    if argv[0] == "export":
-        from skinfusion.export import export_main
-
-        export_main(argv[1:])
+    command, rest = argv[0], argv[1:]
+    lightning_predict = command == "predict" and any(a.split("=")[0] in _LIGHTNING_FLAGS for a in rest)
+    if command in _COMMANDS and not lightning_predict:
+        module_name, function = _COMMANDS[command]
+        status = getattr(importlib.import_module(module_name), function)(rest)
+        if status:
+            raise SystemExit(status)
         return
     SkinFusionCLI(
         SkinFusionModule,

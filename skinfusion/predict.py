@@ -835,7 +835,7 @@ def predictor_from_args(args: argparse.Namespace) -> Predictor:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="skinfusion predict-images",
+        prog="skinfusion predict",
         description=(
             "Predict lesion masks (ISIC Task 1 PNGs at the original image size) and diagnosis probabilities "
             "(ISIC Task 3 CSV) for image files, with optional overlays and per-image JSON."

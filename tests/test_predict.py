@@ -338,3 +338,23 @@ def test_networks_without_a_part(tmp_path, config, has_mask, has_probs):
     doc = json.loads((tmp_path / "out" / "json" / "ISIC_0000001.json").read_text())
     assert ("probabilities" in doc) == has_probs
     assert ("mask_area_fraction" in doc) == has_mask
+
+
+@pytest.mark.real_data
+def test_real_isic_originals_at_full_resolution(tmp_path, shared_data, ckpt):
+    """Full-size ISIC 2018 Task 1 JPEGs (read at reduced DCT scale): masks come back at the original size and
+    the official scorer accepts them against the real ground truth."""
+    from isic_challenge_scoring.segmentation import SegmentationScore
+
+    records = collect_records(shared_data / "isic2018", subset="Training")
+    records = [r for r in records if r.mask is not None][:3]
+    predictor = Predictor(ckpt, progress=False)
+    predictor.write(predictor.predict_records(records), tmp_path / "out", csv=False)
+    truth_dir = tmp_path / "truth"
+    truth_dir.mkdir()
+    for record in records:
+        (truth_dir / Path(record.mask).name).symlink_to(record.mask)
+        with Image.open(record.mask) as truth, Image.open(tmp_path / "out" / "masks" / Path(record.mask).name) as pred:
+            assert pred.size == truth.size
+    score = SegmentationScore.from_dir(truth_dir, tmp_path / "out" / "masks")
+    assert 0.0 <= score.macro_average["jaccard"] <= 1.0

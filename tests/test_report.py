@@ -157,3 +157,13 @@ def test_evaluate_main(tmp_path, hand_case, capsys):
     assert "task1/threshold_jaccard" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         evaluate_main(["--truth", str(manifest), "--out", str(tmp_path / "r")])  # neither --predictions nor --ckpt
+
+
+@pytest.mark.real_data
+def test_report_on_real_sample(tmp_path, shared_data):
+    """The mixed real sample (masks only, labels only, both; JPEG and PH2 PNG) end to end."""
+    predictor = Predictor(save_ckpt(tmp_path / "m.ckpt", make_module()), batch_size=32, progress=False)
+    report = evaluate(predictor, shared_data / "isic-sample" / "manifest.csv", tmp_path / "report", worst=4)
+    assert report["task1/num_images"] == 61
+    assert report["task3/num_images"] == 124
+    assert len(list((tmp_path / "report" / "worst_segmentations").iterdir())) == 4
