@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["MetricsSummary"]
+__all__ = ["MetricsSummary", "WandbConfig"]
+
+log = logging.getLogger(__name__)
 
 
 class MetricsSummary(pl.Callback):
@@ -61,3 +65,46 @@ class MetricsSummary(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._print(trainer, "test", "Test metrics")
+
+
+class WandbConfig(pl.Callback):
+    """Record the resolved LightningCLI config in the W&B run's config.
+
+    LightningCLI's ``SaveConfigCallback`` writes the resolved config to ``config.yaml`` in the log
+    folder; this callback also puts it into the W&B run's config (``files/config.yaml`` of the run
+    once it is online or synced; an offline run keeps it in its ``.wandb`` log), under its top-level keys (``model``, ``data``, ``trainer``, ``seed_everything``, ...) next to the
+    hyperparameters Lightning logs itself. It does nothing without a W&B logger or outside
+    LightningCLI. Checkpoint paths are recorded by :class:`skinfusion.loggers.WandbLogger`.
+    """
+
+    def __init__(self) -> None:
+        self._logged = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._logged:
+            self._log_config(trainer)
+            self._logged = True
+
+    @staticmethod
+    def resolved_config(trainer: pl.Trainer) -> dict[str, Any] | None:
+        """The config of the LightningCLI that built ``trainer`` as a plain dict, or ``None``."""
+        import yaml
+        from pytorch_lightning.cli import SaveConfigCallback
+
+        saver = next((cb for cb in trainer.callbacks if isinstance(cb, SaveConfigCallback)), None)
+        if saver is None:
+            return None
+        try:
+            return yaml.safe_load(saver.parser.dump(saver.config, skip_none=False))
+        except Exception as err:  # a config that cannot be dumped must not stop training
+            log.warning("WandbConfig: could not dump the CLI config (%s); only hyperparameters are logged", err)
+            return None
+
+    @rank_zero_only
+    def _log_config(self, trainer: pl.Trainer) -> None:
+        from skinfusion.visual import find_wandb_logger
+
+        logger = find_wandb_logger(trainer)
+        config = self.resolved_config(trainer) if logger is not None else None
+        if config:
+            logger.experiment.config.update(config, allow_val_change=True)

@@ -12,8 +12,13 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.plugins.io import CheckpointIO
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.module import SkinFusionModule
@@ -57,6 +62,65 @@ class SkinFusionCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.meta_dim", "model.net.init_args.meta_dim", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Every run gets atomic, safely loaded checkpoints and RNG states in them (exact resume),
+        # unless the config already chose a CheckpointIO plugin / the callback itself.
+        from skinfusion.reliability import AtomicCheckpointIO, RNGStateCheckpoint
+
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        if not any(isinstance(c, RNGStateCheckpoint) for c in configured):
+            callbacks = [*callbacks, RNGStateCheckpoint()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI copies a checkpoint's hyperparameters into the model config. Read the file safely
+        # (a clear WeightsError for a pickle that would run code) and copy only the module's own plain
+        # arguments: net_config/loss_config/classes are records for from_checkpoint, not CLI options.
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        from skinfusion.io import load_checkpoint
+        from skinfusion.module import _PLAIN_HPARAMS
+
+        hparams = load_checkpoint(ckpt_path).get("hyper_parameters", {})
+        plain = {k: v for k, v in hparams.items() if k in _PLAIN_HPARAMS}
+        if plain:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": plain}}, self.config)
+
+    def _safe_loading(self) -> None:
+        """Load checkpoints with ``weights_only=True`` unless the command line says ``--weights_only false``."""
+        config = self.config_init[self.subcommand]
+        if config.get("weights_only") is None:
+            config["weights_only"] = True
+
+    def before_fit(self) -> None:
+        self._safe_loading()
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            # Lightning looks for last.ckpt only in this run's new version folder; look in earlier ones too.
+            from skinfusion.reliability import find_last_checkpoint
+
+            found = find_last_checkpoint(self.trainer)
+            if found is not None:
+                rank_zero_info(f"Resuming from {found}")
+                config["ckpt_path"] = found
+
+    def before_validate(self) -> None:
+        self._safe_loading()
+
+    def before_test(self) -> None:
+        self._safe_loading()
+
+    def before_predict(self) -> None:
+        self._safe_loading()
 
 
 def main(args: Sequence[str] | None = None) -> None:

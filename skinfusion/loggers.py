@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-import socket
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -65,27 +66,28 @@ def find_wandb_api_key(base_url: str | None = None) -> str | None:
 
 
 def server_reachable(base_url: str | None = None, timeout: float = 2.0) -> bool:
-    """Whether a TCP connection to the W&B server (or the HTTPS proxy) opens within ``timeout`` seconds.
+    """Whether the W&B server answers an HTTP request within ``timeout`` seconds.
 
-    The check runs in a daemon thread, so a slow name lookup cannot block for longer than the timeout.
+    Requests ``{base_url}/healthz`` (through the ``HTTPS_PROXY``/``HTTP_PROXY`` proxies, as wandb
+    would); any HTTP answer counts, even an error status. A TCP connection alone is not enough:
+    sandboxes and captive networks often accept every connection and then never answer. The request
+    runs in a daemon thread, so neither a slow name lookup nor a silent peer blocks past ``timeout``.
     """
-    url = urlsplit(base_url or _base_url())
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlsplit(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else url
-    host = target.hostname
-    port = target.port or (443 if target.scheme == "https" else 80)
-    if not host:
+    url = (base_url or _base_url()).rstrip("/") + "/healthz"
+    if urlsplit(url).scheme not in ("http", "https"):
         return False
     result: list[bool] = []
 
-    def connect() -> None:
+    def request() -> None:
         try:
-            with socket.create_connection((host, port), timeout=timeout):
+            with urllib.request.urlopen(url, timeout=timeout):
                 result.append(True)
-        except OSError:
+        except urllib.error.HTTPError:  # the server is there, it answered
+            result.append(True)
+        except (OSError, ValueError):
             result.append(False)
 
-    thread = threading.Thread(target=connect, name="skinfusion-wandb-check", daemon=True)
+    thread = threading.Thread(target=request, name="skinfusion-wandb-check", daemon=True)
     thread.start()
     thread.join(timeout)
     return bool(result and result[0])
@@ -102,7 +104,7 @@ def resolve_wandb_mode(offline: bool = False, timeout: float = 2.0) -> tuple[str
         return None, None
     base_url = _base_url()
     if find_wandb_api_key(base_url) is None:
-        return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+        return "offline", "no API key found (set WANDB_API_KEY or run `wandb login`)"
     if not server_reachable(base_url, timeout):
         return "offline", f"cannot reach {base_url} within {timeout:g} s"
     return None, None
@@ -145,6 +147,9 @@ class WandbLogger(_LightningWandbLogger):
         connect_timeout: float = 2.0,
         **kwargs: Any,
     ) -> None:
+        # LightningCLI passes every wandb.init argument, unset ones as None; drop those so wandb's
+        # and Lightning's own defaults (e.g. resume="allow") apply.
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
         self.fallback_reason: str | None = None
         if rank_zero_only.rank == 0 and "mode" not in kwargs:
             mode, self.fallback_reason = resolve_wandb_mode(offline, connect_timeout)
@@ -169,6 +174,9 @@ class WandbLogger(_LightningWandbLogger):
             prefix=prefix,
             **kwargs,
         )
+        if self._wandb_init.get("anonymous") is None:
+            # wandb >= 0.19 warns about any explicit `anonymous`, even None.
+            self._wandb_init.pop("anonymous", None)
 
     @property
     def offline_mode(self) -> bool:

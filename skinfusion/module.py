@@ -55,6 +55,12 @@ class SkinFusionModule(pl.LightningModule):
             (the last checkpoint stays as it was); ``"skip"`` skips that optimisation step and logs a warning.
         scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
         scheduler_monitor: metric for schedulers such as ReduceLROnPlateau.
+        channels_last: keep the network's weights and inputs in NHWC memory format (faster convolutions with
+            cuDNN under bf16/fp16 autocast and with oneDNN on many CPUs; measure with
+            ``benchmarks/bench_training.py``). Results equal the NCHW ones up to float rounding.
+        compile: ``torch.compile`` the network's forward (``True``, or a dict of ``torch.compile`` arguments
+            such as ``{"mode": "max-autotune"}``), via ``nn.Module.compile`` so that parameter names and
+            checkpoints stay the same. The first steps are slow while it compiles.
     """
 
     def __init__(
@@ -70,12 +76,16 @@ class SkinFusionModule(pl.LightningModule):
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         scheduler_monitor: str = "val/loss",
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if encoder_lr_mult < 0:
             raise ValueError(f"encoder_lr_mult must be >= 0, got {encoder_lr_mult}")
         if freeze_encoder_epochs < 0:
             raise ValueError(f"freeze_encoder_epochs must be >= 0, got {freeze_encoder_epochs}")
+        if not isinstance(compile, bool | dict):
+            raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
         # class_names is stored as "classes": the DataModule has its own (possibly unset) class_names hparam.
@@ -105,11 +115,21 @@ class SkinFusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, image: Tensor, meta: Tensor | None = None) -> SkinFusionOutput:
+        if self.hparams.get("channels_last"):
+            image = image.contiguous(memory_format=torch.channels_last)
         return self.net(image, meta)
+
+    def configure_model(self) -> None:
+        """Apply the speed options (``channels_last``, ``compile``); called by the Trainer, idempotent."""
+        if self.hparams.get("channels_last"):
+            self.net.to(memory_format=torch.channels_last)
+        options = self.hparams.get("compile")
+        if options and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile(**(options if isinstance(options, dict) else {}))
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
-        output = self.net(batch["image"], batch.get("meta"))
+        output = self(batch["image"], batch.get("meta"))
         losses = self.loss(output, batch)
         loss = losses["loss"]
         batch_size = batch["image"].shape[0]
@@ -193,7 +213,7 @@ class SkinFusionModule(pl.LightningModule):
         self._log_epoch_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        output = self.net(batch["image"], batch.get("meta"))
+        output = self(batch["image"], batch.get("meta"))
         result: dict[str, Any] = {"id": batch.get("id")}
         if output.mask_logits is not None:
             result["mask_prob"] = output.mask_logits.float().sigmoid()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -17,13 +18,21 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
+from torch.utils.data import DataLoader, get_worker_info
 
 from skinfusion.data.dataset import META_DIM, SkinLesionDataset
 from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.data.synthetic import SYNTHETIC_VERSION, synthetic_records, write_synthetic
-from skinfusion.data.transforms import build_transforms
+from skinfusion.data.transforms import build_transforms, normalize_tensor
 from skinfusion.errors import DataError
+from skinfusion.reliability import (
+    EpochSeededDataset,
+    ResumableSampler,
+    UnpaddedDistributedSampler,
+    batches_per_epoch,
+    distributed_world,
+    resume_position,
+)
 
 __all__ = ["SkinFusionDataModule", "seed_worker"]
 
@@ -101,6 +110,10 @@ class SkinFusionDataModule(pl.LightningDataModule):
         predict_manifest: manifest of the images to predict; ``None`` predicts ``predict_split``
             of ``manifest``.
         predict_split: ``train``, ``val``, ``test`` or ``all``.
+        normalize_on_device: workers yield uint8 images and masks (augmented on uint8, a quarter of the bytes
+            through worker pipes, pinning and host-to-device copies) and :meth:`on_after_batch_transfer`
+            normalises them on the training device, so batches after transfer still follow the Batch contract
+            (float32 normalised image, float32 mask). Same values as normalising in the workers.
     """
 
     def __init__(
@@ -130,6 +143,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         validate: Literal["exists", "header", "full"] = "header",
         predict_manifest: str | None = None,
         predict_split: Literal["train", "val", "test", "all"] = "test",
+        normalize_on_device: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -160,6 +174,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.normalization = normalization
+        self.normalize_on_device = normalize_on_device
         self.augment = augment
         self.color_jitter = color_jitter
         self._class_names = tuple(names)
@@ -360,6 +375,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
             self.normalization,
             augment=self.augment,
             color_jitter=self.color_jitter,
+            normalize=not self.normalize_on_device,
             seed=_mixed_seed(
                 self.seed, getattr(rank_zero_only, "rank", 0) or 0, _SPLITS.index(split) if split in _SPLITS else 3
             ),
@@ -390,13 +406,32 @@ class SkinFusionDataModule(pl.LightningDataModule):
                 raise DataError(self.manifest or self.root, "the training split is empty")
             self.datasets[split] = self._dataset(split, records)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``normalize_on_device``: uint8 image/mask -> float32 normalised image and {0,1} mask, on the device."""
+        if self.normalize_on_device and isinstance(batch, dict) and batch.get("image") is not None:
+            if batch["image"].dtype == torch.uint8:
+                batch["image"] = normalize_tensor(batch["image"], self.normalization)
+            if batch.get("mask") is not None and batch["mask"].dtype == torch.uint8:
+                batch["mask"] = batch["mask"].float()
+        return batch
+
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, split: str, shuffle: bool = False, sampler: Any = None, drop_last: bool = False) -> DataLoader:
+    def _loader(
+        self,
+        split: str,
+        shuffle: bool = False,
+        sampler: Any = None,
+        drop_last: bool = False,
+        dataset: Any = None,
+    ) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"call setup() before asking for the {split} dataloader")
+        if sampler is None and not shuffle and distributed_world()[0] > 1:
+            # Every sample once over all processes (DistributedSampler pads with repeats, counted twice).
+            sampler = UnpaddedDistributedSampler(len(self.datasets[split]))
         return DataLoader(
-            self.datasets[split],
+            self.datasets[split] if dataset is None else dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=sampler,
@@ -425,13 +460,25 @@ class SkinFusionDataModule(pl.LightningDataModule):
         return weights
 
     def train_dataloader(self) -> DataLoader:
-        sampler = None
-        if self.balanced_sampling:
-            generator = torch.Generator().manual_seed(_mixed_seed(self.seed, 1))
-            weights = self.sample_weights()
-            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
-        drop_last = self.drop_last and len(self.datasets.get("train", ())) > self.batch_size
-        return self._loader("train", shuffle=sampler is None, sampler=sampler, drop_last=drop_last)
+        """Training batches in an order fixed by ``(seed, epoch)``, augmented with seeds ``(seed, epoch, index)``.
+
+        A fit resumed from a mid-epoch checkpoint continues with the batches that epoch had not yet
+        consumed (see :mod:`skinfusion.reliability`); under DDP each process takes its shard.
+        """
+        if "train" not in self.datasets:
+            raise RuntimeError("call setup() before asking for the train dataloader")
+        dataset = self.datasets["train"]
+        drop_last = self.drop_last and len(dataset) > self.batch_size
+        weights = self.sample_weights() if self.balanced_sampling else None
+        sampler = ResumableSampler(len(dataset), shuffle=True, seed=self.seed, weights=weights, with_epoch=True)
+        num_batches = len(sampler) // self.batch_size if drop_last else math.ceil(len(sampler) / self.batch_size)
+        trainer = getattr(self, "trainer", None)
+        epoch, done = resume_position(trainer, batches_per_epoch(trainer, num_batches))
+        sampler.set_epoch(epoch)
+        sampler.skip(done * self.batch_size)
+        return self._loader(
+            "train", sampler=sampler, drop_last=drop_last, dataset=EpochSeededDataset(dataset, self.seed)
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

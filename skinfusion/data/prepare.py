@@ -45,30 +45,13 @@ from PIL import Image
 
 from skinfusion.data.imageio import DEFAULT_MAX_PIXELS
 from skinfusion.data.readers import Reader, apply_labels, combine, create_reader
-from skinfusion.data.records import ISIC_CLASSES, Record
+from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
 from skinfusion.data.split import SPLITS, assign_splits, check_no_leakage
 from skinfusion.data.validate import check_label, load_record
 from skinfusion.errors import DataError
 
 __all__ = ["MANIFEST_COLUMNS", "PrepareReport", "Source", "parse_source", "prepare", "prepare_main", "read_sources"]
 
-#: Columns of the prepared manifest (the contract with the DataModule).
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "id",
-    "image",
-    "mask",
-    "label",
-    "lesion_id",
-    "split",
-    "source",
-    "age",
-    "sex",
-    "site",
-    "orig_image",
-    "orig_mask",
-    "orig_width",
-    "orig_height",
-)
 STATE_FILE = ".prepare-state.json"
 _STATE_VERSION = 1
 

@@ -12,6 +12,25 @@ ISIC_CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC
 #: Metadata keys a Record may carry (HAM10000 names them age, sex, localization).
 META_KEYS: tuple[str, ...] = ("age", "sex", "site")
 
+#: Columns of the prepared manifest that ``skinfusion prepare`` and the synthetic writer produce and
+#: the DataModule reads; ``image``/``mask`` are relative to the manifest, ``orig_*`` describe the originals.
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "id",
+    "image",
+    "mask",
+    "label",
+    "lesion_id",
+    "split",
+    "source",
+    "age",
+    "sex",
+    "site",
+    "orig_image",
+    "orig_mask",
+    "orig_width",
+    "orig_height",
+)
+
 
 @dataclass(frozen=True)
 class Record:

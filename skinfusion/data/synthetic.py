@@ -27,28 +27,11 @@ import cv2
 import numpy as np
 
 from skinfusion.data.dataset import SITES
-from skinfusion.data.records import ISIC_CLASSES, Record
+from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
 
 #: Bump when the rendering changes, so that cached synthetic folders are rebuilt.
 SYNTHETIC_VERSION = 1
 
-#: Columns of the prepared manifest (the contract of ``skinfusion prepare``).
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "id",
-    "image",
-    "mask",
-    "label",
-    "lesion_id",
-    "split",
-    "source",
-    "age",
-    "sex",
-    "site",
-    "orig_image",
-    "orig_mask",
-    "orig_width",
-    "orig_height",
-)
 
 _SPLITS = ("train", "val", "test")
 

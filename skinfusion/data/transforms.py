@@ -13,9 +13,19 @@ from typing import Any, Literal
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "STAGES", "MaskToFloat", "build_transforms"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NORMALIZATIONS",
+    "STAGES",
+    "MaskAddChannel",
+    "MaskToFloat",
+    "build_transforms",
+    "normalize_tensor",
+]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -45,6 +55,48 @@ class MaskToFloat(A.DualTransform):
         return ()
 
 
+class MaskAddChannel(A.DualTransform):
+    """Turn an (H,W) mask into (1,H,W) keeping its dtype (uint8 stays uint8); the image passes unchanged."""
+
+    def __init__(self, p: float = 1.0) -> None:
+        super().__init__(p=p)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return img
+
+    def apply_to_mask(self, mask: np.ndarray, **params: Any) -> np.ndarray:
+        return mask[None] if mask.ndim == 2 else np.moveaxis(mask, -1, 0)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
+def normalize_tensor(image: torch.Tensor, normalization: str = "imagenet") -> torch.Tensor:
+    """Normalise uint8 images on whatever device they are, as the pipeline's ``A.Normalize`` would on the CPU.
+
+    Args:
+        image: uint8 (B,3,H,W) or (3,H,W) RGB (any dtype with values in [0, 255] works).
+        normalization: ``unit`` or ``imagenet``.
+
+    Returns:
+        float32 tensor of the same shape and memory format: ``(image / 255 - mean) / std``.
+
+    Raises:
+        ValueError: unknown normalization or not 3 channels.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    channel_axis = image.ndim - 3
+    if image.ndim < 3 or image.shape[channel_axis] != 3:
+        raise ValueError(f"expected (B,3,H,W) or (3,H,W) images, got {tuple(image.shape)}")
+    mean = IMAGENET_MEAN if normalization == "imagenet" else (0.0, 0.0, 0.0)
+    std = IMAGENET_STD if normalization == "imagenet" else (1.0, 1.0, 1.0)
+    shape = (3, 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=image.device).view(shape)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=image.device).view(shape)
+    return torch.addcmul(shift, image.float(), scale)
+
+
 def _normalize(normalization: str) -> A.Normalize:
     if normalization == "unit":
         return A.Normalize(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), max_pixel_value=255.0)
@@ -60,6 +112,7 @@ def build_transforms(
     augment: bool = True,
     color_jitter: float = 0.0,
     seed: int | None = None,
+    normalize: bool = True,
 ) -> A.Compose:
     """Build the image+mask pipeline of one stage.
 
@@ -80,6 +133,9 @@ def build_transforms(
             it); 0 disables it. Must be in [0, 1).
         seed: seed of the pipeline's own random state (albumentations ignores global seeds); the
             DataModule reseeds it in every worker.
+        normalize: ``False`` leaves the image uint8 (3,S,S) and the mask uint8 (1,S,S) in {0,1} (a quarter
+            of the bytes through worker pipes, pinning and host-to-device copies); normalise them later
+            with :func:`normalize_tensor`, e.g. on the GPU.
 
     Returns:
         An ``albumentations.Compose``.
@@ -93,7 +149,8 @@ def build_transforms(
         raise ValueError(f"image_size must be positive, got {image_size}")
     if not 0.0 <= color_jitter < 1.0:
         raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
-    normalize = _normalize(normalization)
+    normalize_step = _normalize(normalization)  # checks the name even when normalising later
+    tail = [normalize_step, MaskToFloat()] if normalize else [MaskAddChannel()]
     if stage == "train" and augment:
         steps: list[A.BasicTransform] = [
             A.RandomResizedCrop(size=(image_size, image_size), scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)),
@@ -114,7 +171,7 @@ def build_transforms(
     else:
         steps = [A.Resize(image_size, image_size)]
     return A.Compose(
-        [*steps, normalize, MaskToFloat(), ToTensorV2()],
+        [*steps, *tail, ToTensorV2()],
         mask_interpolation=cv2.INTER_NEAREST,
         seed=seed,
     )

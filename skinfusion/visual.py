@@ -1,0 +1,283 @@
+"""Visual validation panels for Weights & Biases: mask overlays, attention heat maps, confusion matrix.
+
+:class:`WandbPanels` logs, after each validation epoch, the same few validation images every time
+(chosen deterministically, evenly spread over the validation set), each with its predicted and
+true masks as W&B mask overlays, the network's attention maps as heat maps over the image, the
+confusion matrix and a per-class precision/recall/F1 table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.nn import functional as F  # noqa: N812
+from torch.utils.data import default_collate
+
+from skinfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["WandbPanels", "attention_heatmap", "denormalize", "find_wandb_logger", "panel_indices"]
+
+log = logging.getLogger(__name__)
+
+MASK_LABELS = {0: "background", 1: "lesion"}
+
+
+def find_wandb_logger(trainer: pl.Trainer) -> Any | None:
+    """The trainer's first W&B logger (any subclass of Lightning's ``WandbLogger``), or ``None``."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def panel_indices(dataset_size: int, num_images: int) -> list[int]:
+    """Indices of ``num_images`` samples spread evenly over a data set, always the same ones.
+
+    Example: ``panel_indices(10, 4) == [0, 3, 6, 9]``.
+    """
+    if num_images < 1 or dataset_size < 1:
+        return []
+    if num_images >= dataset_size:
+        return list(range(dataset_size))
+    if num_images == 1:
+        return [0]
+    # A spacing of at least 1 keeps the rounded indices distinct.
+    spacing = (dataset_size - 1) / (num_images - 1)
+    return [round(i * spacing) for i in range(num_images)]
+
+
+def denormalize(image: Tensor, normalization: Literal["unit", "imagenet"] = "unit") -> np.ndarray:
+    """Undo the DataModule's normalisation for display.
+
+    Shape:
+        image (3,H,W) float -> uint8 array (H,W,3).
+    """
+    image = image.detach().float().cpu()
+    if normalization == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        image = image * std + mean
+    elif normalization != "unit":
+        raise ValueError(f"normalization must be 'unit' or 'imagenet', got {normalization!r}")
+    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def attention_heatmap(image: np.ndarray, attention: Tensor, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend an attention map (scaled to its own min-max range) as a heat map over an image.
+
+    Shape:
+        image (H,W,3) uint8, attention (1,h,w) or (h,w) -> (H,W,3) uint8.
+    """
+    from matplotlib import colormaps
+
+    height, width = image.shape[:2]
+    attention = attention.detach().float().cpu().reshape(1, 1, *attention.shape[-2:])
+    attention = F.interpolate(attention, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    low, high = attention.min(), attention.max()
+    attention = (attention - low) / (high - low) if high > low else torch.zeros_like(attention)
+    heat = colormaps[cmap](attention.numpy())[..., :3] * 255
+    return ((1 - alpha) * image + alpha * heat).round().clip(0, 255).astype(np.uint8)
+
+
+def _default_attention_keys(keys: Sequence[str]) -> list[str]:
+    """Skip-level and classifier maps, plus the deepest per-block encoder map (there can be dozens)."""
+    chosen = [k for k in keys if not k.startswith("encoder.")]
+    encoder = [k for k in keys if k.startswith("encoder.")]
+    return chosen + encoder[-1:]
+
+
+class WandbPanels(pl.Callback):
+    """Log validation panels to Weights & Biases after every ``every_n_epochs`` validation epochs.
+
+    Logged keys (at the trainer's global step):
+
+    * ``val/panel``: ``num_images`` images with ``prediction`` and ``ground_truth`` mask overlays,
+      captioned with the image id, the true and the predicted class;
+    * ``val/attention/<map>``: the attention maps as heat maps over the same images;
+    * ``val/confusion_matrix``: W&B's confusion matrix chart (from the module's ``last_confmat``);
+    * ``val/per_class``: a table of precision, recall, F1 and support per class.
+
+    The images are the same every epoch: ``num_images`` indices spread evenly over the validation
+    data set, passed through the network in eval mode by the rank-0 process alone (no collective
+    call, so nothing can deadlock under DDP). Without a W&B logger among the trainer's loggers the
+    callback does nothing (and says so once at debug level).
+
+    Args:
+        num_images: number of validation images in the panel.
+        every_n_epochs: log every this many validation epochs.
+        attention_maps: names of the attention maps to show; ``None``: skip-level and classifier maps
+            and the deepest encoder-block map; ``[]``: none.
+        normalization: how the images were normalised; ``"auto"`` reads the DataModule's ``normalization``
+            (``"unit"`` when it has none).
+        mask_threshold: probability above which a predicted pixel is lesion.
+    """
+
+    def __init__(
+        self,
+        num_images: int = 8,
+        every_n_epochs: int = 1,
+        attention_maps: list[str] | None = None,
+        normalization: Literal["auto", "unit", "imagenet"] = "auto",
+        mask_threshold: float = 0.5,
+    ) -> None:
+        if num_images < 0:
+            raise ValueError(f"num_images must be >= 0, got {num_images}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if normalization not in ("auto", "unit", "imagenet"):
+            raise ValueError(f"normalization must be 'auto', 'unit' or 'imagenet', got {normalization!r}")
+        if not 0.0 < mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold}")
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self.attention_maps = None if attention_maps is None else list(attention_maps)
+        self.normalization = normalization
+        self.mask_threshold = mask_threshold
+        self._said_noop = False
+
+    # ------------------------------------------------------------------ hooks
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after the module's on_validation_epoch_end, so the epoch's metrics and confusion matrix exist.
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        self._log_panels(trainer, pl_module)
+
+    @rank_zero_only
+    def _log_panels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = find_wandb_logger(trainer)
+        if logger is None:
+            if not self._said_noop:
+                log.debug("WandbPanels: no WandbLogger among the trainer's loggers; nothing logged")
+                self._said_noop = True
+            return
+        class_names = list(getattr(pl_module, "class_names", []) or [])
+        entries: dict[str, Any] = {}
+        entries.update(self._image_panels(trainer, pl_module, class_names))
+        confmat = getattr(pl_module, "last_confmat", {}).get("val")
+        if confmat is not None and class_names:
+            entries["val/confusion_matrix"] = self._confusion_chart(confmat, class_names)
+        table = self._per_class_table(trainer, class_names, confmat)
+        if table is not None:
+            entries["val/per_class"] = table
+        if entries:
+            logger.experiment.log({**entries, "trainer/global_step": trainer.global_step})
+
+    # ------------------------------------------------------------------ parts
+    def _dataset(self, trainer: pl.Trainer) -> Any | None:
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, Sequence) and not isinstance(loaders, torch.utils.data.DataLoader):
+            loaders = loaders[0] if loaders else None
+        return getattr(loaders, "dataset", None)
+
+    def _normalization(self, trainer: pl.Trainer) -> str:
+        if self.normalization != "auto":
+            return self.normalization
+        return getattr(getattr(trainer, "datamodule", None), "normalization", None) or "unit"
+
+    @torch.no_grad()
+    def _image_panels(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, class_names: list[str]
+    ) -> dict[str, list[Any]]:
+        import wandb
+
+        dataset = self._dataset(trainer)
+        if dataset is None or self.num_images == 0:
+            return {}
+        try:
+            size = len(dataset)
+        except TypeError:  # an iterable data set has no fixed samples to show
+            return {}
+        indices = panel_indices(size, self.num_images)
+        if not indices:
+            return {}
+        batch = default_collate([dataset[i] for i in indices])
+        net = getattr(pl_module, "net", pl_module)
+        was_training = net.training
+        net.eval()
+        # The parameters' dtype, so that "16-true"/"bf16-true" precision works outside autocast.
+        dtype = next(net.parameters()).dtype
+        try:
+            meta = batch.get("meta")
+            output = net(
+                batch["image"].to(pl_module.device, dtype),
+                None if meta is None else meta.to(pl_module.device, dtype),
+            )
+        finally:
+            net.train(was_training)
+        normalization = self._normalization(trainer)
+        images = [denormalize(img, normalization) for img in batch["image"]]
+        ids = list(batch.get("id", [str(i) for i in indices]))
+        labels = batch.get("label", torch.full((len(indices),), -1)).tolist()
+        has_mask = batch.get("has_mask", torch.zeros(len(indices), dtype=torch.bool)).tolist()
+
+        class_prob = output.class_logits.float().softmax(-1).cpu() if output.class_logits is not None else None
+        mask_pred = None
+        if output.mask_logits is not None:
+            mask_pred = (output.mask_logits.float().sigmoid() > self.mask_threshold).cpu()
+        panel = []
+        for k, image in enumerate(images):
+            caption = [ids[k]]
+            if labels[k] >= 0 and labels[k] < len(class_names):
+                caption.append(f"true {class_names[labels[k]]}")
+            if class_prob is not None and class_names:
+                prob, index = class_prob[k].max(0)
+                caption.append(f"pred {class_names[int(index)]} {float(prob):.2f}")
+            masks = {}
+            if mask_pred is not None:
+                masks["prediction"] = {
+                    "mask_data": mask_pred[k, 0].numpy().astype(np.uint8),
+                    "class_labels": MASK_LABELS,
+                }
+            if has_mask[k]:
+                masks["ground_truth"] = {
+                    "mask_data": (batch["mask"][k, 0] > 0.5).numpy().astype(np.uint8),
+                    "class_labels": MASK_LABELS,
+                }
+            panel.append(wandb.Image(image, masks=masks or None, caption=", ".join(caption)))
+        entries: dict[str, list[Any]] = {"val/panel": panel}
+        attention = output.attention or {}
+        keys = _default_attention_keys(list(attention)) if self.attention_maps is None else self.attention_maps
+        for key in keys:
+            if key not in attention:
+                continue
+            entries[f"val/attention/{key}"] = [
+                wandb.Image(attention_heatmap(image, attention[key][k]), caption=ids[k])
+                for k, image in enumerate(images)
+            ]
+        return entries
+
+    @staticmethod
+    def _confusion_chart(confmat: Tensor, class_names: list[str]) -> Any:
+        import wandb
+
+        counts = confmat.detach().cpu().long()
+        y_true, preds = [], []
+        for i in range(counts.shape[0]):
+            for j in range(counts.shape[1]):
+                y_true += [i] * int(counts[i, j])
+                preds += [j] * int(counts[i, j])
+        return wandb.plot.confusion_matrix(
+            y_true=y_true, preds=preds, class_names=class_names, title="Validation confusion matrix"
+        )
+
+    @staticmethod
+    def _per_class_table(trainer: pl.Trainer, class_names: list[str], confmat: Tensor | None) -> Any | None:
+        import wandb
+
+        metrics = trainer.callback_metrics
+        rows = []
+        for index, name in enumerate(class_names):
+            values = [metrics.get(f"val/{m}/{name}") for m in ("precision", "recall", "f1")]
+            if all(v is None for v in values):
+                continue
+            support = int(confmat[index].sum()) if confmat is not None and index < confmat.shape[0] else None
+            rows.append([name, *(None if v is None else float(v) for v in values), support])
+        if not rows:
+            return None
+        return wandb.Table(columns=["class", "precision", "recall", "f1", "support"], data=rows)

@@ -1,0 +1,231 @@
+"""Every speed option gives the same results as the plain path (within float tolerance).
+
+Options: ``channels_last`` and ``compile`` (SkinFusionModule), bf16 autocast (``trainer.precision``),
+``normalize_on_device`` (SkinFusionDataModule: uint8 batches normalised after transfer), and the
+inference mode of validate/predict (Lightning's ``Trainer(inference_mode=True)``).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from skinfusion.data.datamodule import SkinFusionDataModule
+from skinfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, normalize_tensor
+from skinfusion.losses import MultiTaskLoss
+from skinfusion.module import SkinFusionModule
+from skinfusion.nn import SkinFusionNet
+
+NET = {"encoder": "test_resnet", "attention": "cbam", "decoder_channels": [32, 16, 16, 8, 8]}
+SIZE = 64
+
+
+def _module(seed: int = 0, **options) -> SkinFusionModule:
+    torch.manual_seed(seed)
+    return SkinFusionModule(SkinFusionNet(**NET), **options)
+
+
+def _batch(n: int = 4, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randn(n, 3, SIZE, SIZE, generator=generator),
+        "mask": (torch.rand(n, 1, SIZE, SIZE, generator=generator) > 0.5).float(),
+        "has_mask": torch.tensor([True, False, True, True][:n]),
+        "label": torch.tensor([0, 3, -1, 6][:n]),
+    }
+
+
+def _datamodule(**kwargs) -> SkinFusionDataModule:
+    return SkinFusionDataModule(
+        synthetic_samples=24, synthetic_size=64, image_size=48, batch_size=4, num_workers=0, **kwargs
+    )
+
+
+def _trainer(tmp_path, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------- uint8 path, normalisation on the device
+
+
+def test_normalize_tensor_matches_hand_computed_values():
+    image = torch.tensor([0, 255, 128], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    unit = normalize_tensor(image, "unit")
+    assert unit.dtype == torch.float32
+    assert unit[0, :, 0, 0].tolist() == pytest.approx([0.0, 1.0, 128 / 255])
+    imagenet = normalize_tensor(image, "imagenet")
+    expected = [(v / 255 - m) / s for v, m, s in zip((0, 255, 128), IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    assert imagenet[0, :, 1, 1].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_normalize_tensor_rejects_bad_input():
+    with pytest.raises(ValueError, match="normalization"):
+        normalize_tensor(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), "zscore")
+    with pytest.raises(ValueError, match="3,H,W"):
+        normalize_tensor(torch.zeros(1, 4, 2, 2, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_uint8_pipeline_then_normalize_equals_float_pipeline(stage):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    mask = (rng.random((70, 90)) > 0.5).astype(np.uint8)
+    float_out = build_transforms(stage, 48, seed=5)(image=image, mask=mask)
+    uint8_out = build_transforms(stage, 48, seed=5, normalize=False)(image=image, mask=mask)
+    assert uint8_out["image"].dtype == torch.uint8
+    assert uint8_out["image"].shape == (3, 48, 48)
+    assert uint8_out["mask"].dtype == torch.uint8
+    assert uint8_out["mask"].shape == (1, 48, 48)
+    torch.testing.assert_close(normalize_tensor(uint8_out["image"]), float_out["image"], atol=1e-5, rtol=0)
+    assert torch.equal(uint8_out["mask"].float(), float_out["mask"])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_normalize_on_device_batches_equal_the_float_batches(split):
+    plain, fast = _datamodule(), _datamodule(normalize_on_device=True)
+    for dm in (plain, fast):
+        dm.prepare_data()
+        dm.setup("fit")
+    loader = f"{split}_dataloader"
+    expected = next(iter(getattr(plain, loader)()))
+    raw = next(iter(getattr(fast, loader)()))
+    assert raw["image"].dtype == torch.uint8
+    assert raw["mask"].dtype == torch.uint8
+    got = fast.on_after_batch_transfer(raw, 0)
+    assert got["image"].dtype == torch.float32
+    assert got["mask"].dtype == torch.float32
+    torch.testing.assert_close(got["image"], expected["image"], atol=1e-5, rtol=0)
+    assert torch.equal(got["mask"], expected["mask"])
+    assert torch.equal(got["label"], expected["label"])
+    assert got["id"] == expected["id"]
+    # The plain DataModule leaves float batches alone.
+    assert plain.on_after_batch_transfer(expected, 0)["image"] is expected["image"]
+
+
+# ---------------------------------------------------------------- module options
+
+
+def test_channels_last_gives_the_same_outputs_and_state_dict_keys():
+    plain, fast = _module(), _module(channels_last=True)
+    fast.configure_model()
+    kernels = [p for p in fast.net.parameters() if p.ndim == 4]
+    assert kernels
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert list(plain.state_dict()) == list(fast.state_dict())
+    batch = _batch()
+    plain.eval()
+    fast.eval()
+    with torch.no_grad():
+        a, b = plain(batch["image"]), fast(batch["image"])
+    torch.testing.assert_close(b.mask_logits, a.mask_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.class_logits, a.class_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_gives_the_same_loss_and_gradients():
+    plain, fast = _module(), _module(channels_last=True)
+    fast.configure_model()
+    batch = _batch()
+    losses = []
+    for module in (plain, fast):
+        module.train()
+        torch.manual_seed(1)  # same dropout mask
+        loss = module.loss(module(batch["image"]), batch)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(plain.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_compile_must_be_bool_or_dict():
+    with pytest.raises(ValueError, match="compile"):
+        _module(compile="yes")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_compile_gives_the_same_outputs_and_keeps_parameter_names():
+    plain, fast = _module(), _module(compile=True)
+    fast.configure_model()
+    fast.configure_model()  # idempotent: compiled once
+    assert list(plain.state_dict()) == list(fast.state_dict())
+    assert not any("_orig_mod" in key for key in fast.state_dict())
+    plain.eval()
+    fast.eval()
+    image = _batch()["image"]
+    with torch.no_grad():
+        a, b = plain(image), fast(image)
+    torch.testing.assert_close(b.mask_logits, a.mask_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.class_logits, a.class_logits, atol=1e-4, rtol=1e-4)
+    assert set(b.attention) == set(a.attention)
+
+
+def test_bf16_autocast_loss_is_close_to_fp32():
+    module = _module().eval()
+    batch = _batch()
+    with torch.no_grad():
+        fp32 = module.loss(module(batch["image"]), batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = module(batch["image"])
+            bf16 = module.loss(output, batch)
+    assert output.class_logits.dtype == torch.bfloat16  # autocast did run the network in bf16
+    assert bf16["loss"].dtype == torch.float32  # the loss math stays float32
+    for key in ("loss", "loss_seg", "loss_cls"):
+        torch.testing.assert_close(bf16[key], fp32[key], atol=0.05, rtol=0.05)
+
+
+# ---------------------------------------------------------------- through the Trainer
+
+
+def test_all_options_together_give_the_same_validation_loss(tmp_path):
+    results = []
+    for options, data in (({}, {}), ({"channels_last": True}, {"normalize_on_device": True})):
+        dm = _datamodule(**data)
+        module = _module(**options)
+        results.append(_trainer(tmp_path, limit_val_batches=2).validate(module, datamodule=dm, verbose=False)[0])
+    assert results[0]["val/loss"] == pytest.approx(results[1]["val/loss"], rel=1e-4, abs=1e-5)
+    assert results[0]["val/dice"] == pytest.approx(results[1]["val/dice"], abs=1e-4)
+
+
+def test_bf16_mixed_fit_runs_and_keeps_float32_weights(tmp_path):
+    dm = _datamodule(normalize_on_device=True)
+    module = _module(channels_last=True)
+    _trainer(tmp_path, precision="bf16-mixed", max_steps=2, limit_val_batches=1).fit(module, datamodule=dm)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class _RecordsInferenceMode(SkinFusionModule):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.modes: dict[str, bool] = {}
+
+    def validation_step(self, batch, batch_idx):
+        self.modes["val"] = torch.is_inference_mode_enabled()
+        return super().validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        self.modes["predict"] = torch.is_inference_mode_enabled()
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+def test_validate_and_predict_run_in_inference_mode(tmp_path):
+    torch.manual_seed(0)
+    module = _RecordsInferenceMode(SkinFusionNet(**NET), loss=MultiTaskLoss())
+    dm = _datamodule(predict_split="val")
+    trainer = _trainer(tmp_path, limit_val_batches=1, limit_predict_batches=1)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.predict(module, datamodule=dm)
+    assert module.modes == {"val": True, "predict": True}
