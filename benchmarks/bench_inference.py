@@ -5,7 +5,7 @@
     python benchmarks/bench_inference.py --device cuda --batch-size 64 --variants eager,eager+cl+bf16,compile+cl+bf16
 
 For each variant: images/s on batches of ``--batch-size`` and the latency of a single image (medians of timed
-calls after a warm-up), the peak memory of the process (``ru_maxrss``; on CUDA ``max_memory_allocated``), the
+calls after a warm-up), the peak memory of the process (``VmHWM``; on CUDA ``max_memory_allocated``), the
 largest difference of its outputs from eager fp32 on the same input, and the fraction of a FLOP-bound ceiling
 it reaches: (images/s x forward FLOPs per image, counted with ``torch.utils.flop_counter``) / (FLOP/s of a
 2048x2048 matmul measured in the same process right after, in fp32, or bf16 for bf16 variants).
@@ -95,6 +95,18 @@ def make_runner(variant: str, args: argparse.Namespace, workdir: Path, device: t
     return run_torch
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process: ``VmHWM`` (reset by ``exec``, unlike ``ru_maxrss``, which keeps the
+    parent's peak from before the fork), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def worker(args: argparse.Namespace) -> None:
     """Measure one variant in this (fresh) process and print one JSON line."""
     warnings.filterwarnings("ignore")
@@ -136,7 +148,7 @@ def worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        result["peak_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 

@@ -1,6 +1,6 @@
 """Training images/s: skinfusion (a real ``pl.Trainer``) against a hand-written PyTorch loop, and the speed options.
 
-    python benchmarks/bench_training.py                       # resnet18 U-Net, 96 px, batch 16, CPU: ~3 minutes
+    python benchmarks/bench_training.py                       # resnet18 U-Net, 96 px, batch 8, CPU: ~4 minutes
     python benchmarks/bench_training.py --encoder resnet50 --image-size 224 --batch-size 4 --iters 3
     python benchmarks/bench_training.py --variants plain,skinfusion,skinfusion+compile
     python benchmarks/bench_training.py --device cuda --image-size 224 --batch-size 64 \\
@@ -214,9 +214,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=6, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run (+3 with compile)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run (+3 with compile)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, alternating")
     parser.add_argument("--workers", type=int, default=0, help="loader workers of every variant without +wN")
     parser.add_argument("--decoder-channels", default="256,128,64,32,16")
@@ -250,7 +250,6 @@ def main() -> None:
     results = alternate(variants, args.rounds)
 
     reference = "plain" if "plain" in results else next(iter(results))
-    ref = median(results[reference])
     print(f"\n| variant | train img/s (median, range, noise) | vs {reference} | data wait / step |")
     print("| --- | ---: | ---: | ---: |")
     for name, values in results.items():

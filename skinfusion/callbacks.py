@@ -71,9 +71,10 @@ class WandbConfig(pl.Callback):
     """Record the resolved LightningCLI config in the W&B run's config.
 
     LightningCLI's ``SaveConfigCallback`` writes the resolved config to ``config.yaml`` in the log
-    folder; this callback also puts it into the W&B run's config (``files/config.yaml`` of the run
-    once it is online or synced; an offline run keeps it in its ``.wandb`` log), under its top-level keys (``model``, ``data``, ``trainer``, ``seed_everything``, ...) next to the
-    hyperparameters Lightning logs itself. It does nothing without a W&B logger or outside
+    folder; this callback also puts it into the W&B run's config, under its top-level keys
+    (``model``, ``data``, ``trainer``, ``seed_everything``, ...) next to the hyperparameters Lightning
+    logs itself. (An online or synced run shows it as ``files/config.yaml``; an offline run keeps it
+    in its ``.wandb`` log.) It does nothing without a W&B logger or outside
     LightningCLI. Checkpoint paths are recorded by :class:`skinfusion.loggers.WandbLogger`.
     """
 

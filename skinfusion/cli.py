@@ -73,7 +73,8 @@ class SkinFusionCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins
-        configured = [*(config.get("callbacks") or []), *callbacks]
+        configured = config.get("callbacks") or []
+        configured = [*(configured if isinstance(configured, list) else [configured]), *callbacks]
         if not any(isinstance(c, RNGStateCheckpoint) for c in configured):
             callbacks = [*callbacks, RNGStateCheckpoint()]
         return super()._instantiate_trainer(config, callbacks)

@@ -113,11 +113,12 @@ def resolve_wandb_mode(offline: bool = False, timeout: float = 2.0) -> tuple[str
 class WandbLogger(_LightningWandbLogger):
     """Lightning's ``WandbLogger`` that runs offline by itself when W&B cannot be reached.
 
-    Before the run starts it looks for credentials (:func:`find_wandb_api_key`) and opens a short
-    connection to the server (:func:`server_reachable`); when either fails the run is created
+    Before the run starts it looks for credentials (:func:`find_wandb_api_key`) and makes one short
+    HTTP request to the server (:func:`server_reachable`); when either fails the run is created
     offline, with one log line saying why and how to upload it later (``wandb sync``). Checkpoint
     uploads (``log_model``) are switched off in that case. A ``WANDB_MODE`` set by the user, or
-    ``offline=True``, is obeyed without any check. Only the process of global rank 0 checks
+    ``offline=True``, is obeyed without any check (``WANDB_MODE=online`` without a key then fails
+    in ``wandb.init``, as the user asked). Only the process of global rank 0 checks
     (other ranks never create a run).
 
     Each saved checkpoint's path is written to the run summary (``checkpoints/best``,

@@ -92,16 +92,21 @@ class SkinFusionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler", "class_names"])
         self.net = net
         self.loss = loss if loss is not None else MultiTaskLoss()
-        # Plain configs, so a checkpoint can rebuild the network without unpickling objects.
-        self.hparams["net_config"] = dict(getattr(net, "config", {}))
-        self.hparams["loss_config"] = dict(getattr(self.loss, "config", {}))
         self.optimizer = optimizer
         self.scheduler = scheduler
         num_classes = getattr(net, "num_classes", None) or len(class_names or ISIC_CLASSES)
         self.class_names = list(class_names) if class_names else list(ISIC_CLASSES[:num_classes])
         if getattr(net, "has_classifier", True) and len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for a {num_classes}-class network")
-        self.hparams["classes"] = self.class_names
+        # Plain configs, so a checkpoint can rebuild the network without unpickling objects; saved through
+        # save_hyperparameters so that loggers record them too.
+        self.save_hyperparameters(
+            {
+                "net_config": dict(getattr(net, "config", {})),
+                "loss_config": dict(getattr(self.loss, "config", {})),
+                "classes": self.class_names,
+            }
+        )
         self.has_classifier = getattr(net, "has_classifier", True)
         self.has_decoder = getattr(net, "has_decoder", True)
         # One collection per stage, never shared; keys get a "_" so "train" does not shadow nn.Module.train.
@@ -132,7 +137,9 @@ class SkinFusionModule(pl.LightningModule):
         output = self(batch["image"], batch.get("meta"))
         losses = self.loss(output, batch)
         loss = losses["loss"]
-        batch_size = batch["image"].shape[0]
+        # A float, so that Lightning's sum of batch sizes stays exact when synced over processes: with gloo,
+        # its "mean" all-reduce divides an integer tensor in place and truncates (epoch losses off under DDP).
+        batch_size = float(batch["image"].shape[0])
         if stage == "train" and not torch.isfinite(loss):
             msg = (
                 f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}"
