@@ -135,8 +135,8 @@ def main(args: Sequence[str] | None = None) -> None:
     if command in _COMMANDS and not lightning_predict:
         module_name, function = _COMMANDS[command]
         status = getattr(importlib.import_module(module_name), function)(rest)
-        if status:
-            raise SystemExit(status)
+        if isinstance(status, int) and not isinstance(status, bool) and status != 0:
+            raise SystemExit(status)  # prepare returns 1 for bad data; the others return their results
         return
     SkinFusionCLI(
         SkinFusionModule,

@@ -102,7 +102,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         if weights_only is False:
-            log.warning("loading %s with weights_only=False: it may run code it contains; load only trusted files", path)
+            log.warning(
+                "loading %s with weights_only=False: it may run code it contains; load only trusted files", path
+            )
             return super().load_checkpoint(path, map_location=map_location, weights_only=False)
         checkpoint = load_checkpoint(path, map_location if map_location is not None else "cpu")
         if not isinstance(checkpoint, dict):
@@ -197,7 +199,12 @@ def find_last_checkpoint(trainer: pl.Trainer) -> str | None:
 
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = state
-    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos), "gauss": (int(has_gauss), float(gauss))}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+        "pos": int(pos),
+        "gauss": (int(has_gauss), float(gauss)),
+    }
 
 
 def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
@@ -249,7 +256,9 @@ class RNGStateCheckpoint(Callback):
             return
         self._pending = state_dict.get("states")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is not None:
             set_rng_states(self._pending)
             self._pending = None

@@ -59,7 +59,7 @@ def test_weighted_sampler_is_reproducible():
 
 @pytest.mark.parametrize("bad", [{"length": -1}, {"length": 3, "start": -1}, {"length": 3, "weights": [1.0, 2.0]}])
 def test_sampler_rejects_bad_arguments(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be"):
         ResumableSampler(**bad)
 
 

@@ -193,3 +193,51 @@ def test_cli_trainer_uses_atomic_checkpoint_io_and_rng_callback(tmp_path):
     intervals = [c for c in cli.trainer.checkpoint_callbacks if c._every_n_train_steps > 0]
     assert intervals
     assert all(c.save_last for c in intervals)
+
+
+def _nan_run(tmp_path: Path, nonfinite: str) -> None:
+    from skinfusion.cli import main
+
+    main(
+        [
+            "fit",
+            "--config",
+            str(BASE),
+            "--model.net.init_args.encoder=test_resnet",
+            "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
+            "--model.optimizer.init_args.lr=1e30",  # the first step blows the weights up; later losses are NaN/Inf
+            f"--model.nonfinite_loss={nonfinite}",
+            "--trainer.accelerator=cpu",
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path / 'runs'}",
+            "--trainer.callbacks=skinfusion.reliability.LastCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=1",
+            "--data.synthetic_samples=24",
+            "--data.synthetic_size=32",
+            "--data.image_size=32",
+            "--data.batch_size=4",
+            "--data.num_workers=0",
+        ]
+    )
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from skinfusion.module import NonFiniteLossError, SkinFusionModule
+
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
+        _nan_run(tmp_path, "raise")
+    (last,) = tmp_path.glob("runs/**/last.ckpt")
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["global_step"] >= 1  # the steps before the NaN were saved...
+    module = SkinFusionModule.from_checkpoint(str(last))  # ...and the file is intact and loadable
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_nonfinite_loss_skip_option_finishes(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="skinfusion.module"):
+        _nan_run(tmp_path, "skip")
+    assert "skipping step" in caplog.text
+    (last,) = tmp_path.glob("runs/**/last.ckpt")
+    assert load_checkpoint(last)["epoch"] == 0

@@ -112,18 +112,23 @@ def read_csv_rows(path: str | Path, required: Sequence[str] = ()) -> list[tuple[
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise DataError(path, "empty CSV (no header)")
-        fields = [c.strip() for c in reader.fieldnames]
-        missing = [c for c in required if c not in fields]
-        if missing:
-            raise DataError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(fields)}")
-        reader.fieldnames = fields
-        return [
-            (i + 2, {k: (v or "").strip() for k, v in row.items() if k is not None}) for i, row in enumerate(reader)
-        ]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise DataError(path, "empty CSV (no header)")
+            fields = [c.strip() for c in reader.fieldnames]
+            missing = [c for c in required if c not in fields]
+            if missing:
+                raise DataError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(fields)}")
+            reader.fieldnames = fields
+            return [
+                (i + 2, {k: (v or "").strip() for k, v in row.items() if k is not None}) for i, row in enumerate(reader)
+            ]
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"not a UTF-8 text CSV ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise DataError(path, f"malformed CSV: {err}") from None
 
 
 def _meta(age: str | None = None, sex: str | None = None, site: str | None = None) -> dict[str, Any]:
@@ -492,6 +497,8 @@ class ManifestReader(Reader):
                     return check_inside_root(value, root, allow_outside_root=self.allow_outside_root)
                 except DataError as err:
                     raise DataError(self.path, f"line {line}: {value!r}: {err.reason}") from None
+                except (ValueError, OSError) as err:  # e.g. a NUL byte in the path
+                    raise DataError(self.path, f"line {line}: {value!r}: invalid path ({err})") from None
 
             if not row["image"]:
                 raise DataError(self.path, f"line {line}: empty image path")
