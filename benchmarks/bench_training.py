@@ -2,7 +2,7 @@
 
     python benchmarks/bench_training.py                       # resnet18 U-Net, 96 px, batch 8, CPU: ~4 minutes
     python benchmarks/bench_training.py --encoder resnet50 --image-size 224 --batch-size 4 --iters 3
-    python benchmarks/bench_training.py --variants plain,skinfusion,skinfusion+compile
+    python benchmarks/bench_training.py --variants skinfusion,skinfusion+compile --no-interleave
     python benchmarks/bench_training.py --device cuda --image-size 224 --batch-size 64 \\
         --variants plain,skinfusion,skinfusion+bf16+cl,skinfusion+bf16+cl+uint8
 
@@ -18,8 +18,10 @@ Both sides train the same network on the same batches:
 Both read ``SkinFusionDataModule.train_dataloader()`` of the same synthetic data set (same samples, same
 augmentation). A step's time is the interval between the ends of consecutive optimiser steps, so data
 loading, transfer, forward, backward, the optimiser and every framework hook are inside it; the first
-``--warmup`` steps are left out. Variants run in turn, A B C, C B A, ... (``--rounds``), so machine noise hits
-all alike; the table gives the median over rounds and the spread.
+``--warmup`` steps are left out. With ``--interleave`` (the default) every skinfusion run also does one plain
+step after each of its own steps (A B A B at step level), so the two see the same machine load and their ratio
+is measured within the run; ``plain`` as a variant runs the loop on its own instead. Variants run in turn,
+A B C, C B A, ... (``--rounds``); the tables give the median over rounds and the spread (the noise).
 
 Speed options, joined with ``+`` to ``skinfusion``: ``cl`` (``channels_last``), ``uint8``
 (``normalize_on_device``), ``bf16``/``fp16`` (``trainer.precision="bf16-mixed"``/``"16-mixed"``), ``compile``
@@ -106,6 +108,53 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
+class PlainSteps:
+    """The hand-written loop, one step at a time (so that it can run between the Trainer's steps)."""
+
+    def __init__(self, bench: Bench) -> None:
+        torch.manual_seed(0)
+        self.device = bench.device
+        self.net = PlainNet(bench.args.encoder, bench.decoder_channels).to(bench.device).train()
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-4)
+        self.batches = iter(bench.datamodule().train_dataloader())
+
+    def step(self) -> None:
+        batch = next(self.batches)
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.enable_grad():
+            self.optimizer.zero_grad(set_to_none=True)
+            mask_logits, class_logits = self.net(batch["image"])
+            plain_loss(mask_logits, class_logits, batch).backward()
+            self.optimizer.step()
+        sync(self.device)
+
+
+class Interleave(pl.Callback):
+    """Runs one plain step after each Trainer step (A B A B at step level: both see the same machine load).
+
+    A Trainer step is timed from the end of the plain step before it to the end of its own optimiser step, so
+    it includes fetching its batch, the transfer, every hook, forward, backward and the optimiser.
+    """
+
+    def __init__(self, plain: PlainSteps, device: torch.device) -> None:
+        self.plain = plain
+        self.device = device
+        self.framework: list[float] = []
+        self.plain_times: list[float] = []
+        self.plain_ends: list[float] = []
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        if self._last is not None:
+            self.framework.append(now - self._last)
+        self.plain.step()
+        self._last = time.perf_counter()
+        self.plain_times.append(self._last - now)
+        self.plain_ends.append(self._last)
+
+
 def step_stats(starts: list[float], ends: list[float], warmup: int, batch_size: int) -> tuple[float, float]:
     """(images/s from the median step interval, median share of a step spent before the batch reached the step)."""
     steps = [ends[i] - ends[i - 1] for i in range(warmup + 1, len(ends))]
@@ -119,9 +168,10 @@ class Bench:
         self.device = torch.device(args.device)
         self.steps = args.warmup + args.iters + 1
         # Enough training images for every step in one epoch (an epoch end would add its own work to a step).
-        self.samples = math.ceil(self.steps * args.batch_size / 0.7) + 8
+        self.samples = math.ceil((self.steps + 3) * args.batch_size / 0.7) + 8
         self.decoder_channels = [int(c) for c in args.decoder_channels.split(",")]
         self.wait: dict[str, list[float]] = {}
+        self.interleaved: dict[str, list[tuple[float, float]]] = {}
         self._datamodules: dict[tuple, SkinFusionDataModule] = {}
 
     def datamodule(self, uint8: bool = False, workers: int | None = None, pin: bool = False) -> SkinFusionDataModule:
@@ -179,6 +229,7 @@ class Bench:
         )
         module = SkinFusionModule(net, channels_last="cl" in options, compile="compile" in options)
         timer = StepTimer(self.device)
+        interleave = Interleave(PlainSteps(self), self.device) if self.args.interleave else None
         precision = "bf16-mixed" if "bf16" in options else "16-mixed" if "fp16" in options else "32-true"
         warmup = args.warmup + (3 if "compile" in options else 0)
         trainer = pl.Trainer(
@@ -192,11 +243,22 @@ class Bench:
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[timer],
+            callbacks=[timer] + ([interleave] if interleave else []),
         )
         trainer.fit(module, datamodule=self.datamodule("uint8" in options, workers, "pin" in options))
         rate, wait = step_stats(timer.starts, timer.ends, warmup, args.batch_size)
+        if interleave is not None:  # a step starts where the plain step before it ended
+            wait = median(
+                [
+                    (timer.starts[i] - interleave.plain_ends[i - 1]) / (timer.ends[i] - interleave.plain_ends[i - 1])
+                    for i in range(warmup + 1, len(timer.ends))
+                ]
+            )
         self.wait.setdefault(name, []).append(wait)
+        if interleave is not None:  # same run, steps alternating: the ratio that machine noise cannot bias
+            rate = args.batch_size / median(interleave.framework[warmup:])
+            plain_rate = args.batch_size / median(interleave.plain_times[warmup:])
+            self.interleaved.setdefault(name, []).append((rate, plain_rate))
         return rate
 
     def loader_rate(self, uint8: bool, batches: int) -> float:
@@ -220,7 +282,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, alternating")
     parser.add_argument("--workers", type=int, default=0, help="loader workers of every variant without +wN")
     parser.add_argument("--decoder-channels", default="256,128,64,32,16")
-    parser.add_argument("--variants", default="plain,skinfusion,skinfusion+cl,skinfusion+uint8,skinfusion+bf16")
+    parser.add_argument("--variants", default="skinfusion,skinfusion+cl,skinfusion+uint8,skinfusion+bf16")
+    parser.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run a plain-loop step after every Trainer step and compare the two within each run",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
@@ -258,6 +326,17 @@ def main() -> None:
             f"| {name} | {spread(values)} | {median(ratio):.2f} (per round {min(ratio):.2f}-{max(ratio):.2f}) "
             f"| {median(bench.wait[name]) * 100:.1f}% |"
         )
+
+    if bench.interleaved:
+        print("\n# interleaved within each run (Trainer step, plain step, Trainer step, ...): the robust ratio")
+        print("| variant | skinfusion img/s | plain img/s (same run) | skinfusion / plain (median, per run) |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, pairs in bench.interleaved.items():
+            ratios = [a / b for a, b in pairs]
+            print(
+                f"| {name} | {spread([a for a, _ in pairs])} | {spread([b for _, b in pairs])} "
+                f"| {median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |"
+            )
 
     best_name = max(results, key=lambda n: median(results[n]))
     required = median(results[best_name])

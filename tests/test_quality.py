@@ -20,10 +20,17 @@ def test_tiny_model_learns_segmentation_and_diagnosis():
         synthetic_samples=600, synthetic_size=64, image_size=64, batch_size=32, num_workers=2, normalization="unit"
     )
     net = SkinFusionNet("test_resnet", attention="cbam", decoder_channels=(16, 16, 8, 8, 8), num_classes=7)
-    module = SkinFusionModule(net, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-4))
+    epochs = 6
+    # The cosine decay matters: with a constant rate the BatchNorm running statistics of this tiny net lag the
+    # weights and the eval-mode metrics swing from seed to seed (measured: Dice 0.44-0.84 over 3 seeds).
+    module = SkinFusionModule(
+        net,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-4),
+        scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs),
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_epochs=6,
+        max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -31,8 +38,9 @@ def test_tiny_model_learns_segmentation_and_diagnosis():
     )
     trainer.fit(module, data)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    # An untrained network sits near chance (1/7 accuracy) and, predicting noise, far below these.
-    assert metrics["val/balanced_acc"] > 2.5 * CHANCE_ACCURACY, metrics
-    assert metrics["val/acc"] > 2.5 * CHANCE_ACCURACY, metrics
-    assert metrics["val/dice"] > 0.6, metrics
-    assert metrics["val/jaccard"] > 0.45, metrics
+    # An untrained network sits near chance (1/7 accuracy) and far below these Dice/Jaccard values; over
+    # seeds 0-2 this run reached balanced accuracy 0.70-0.74, accuracy 0.69-0.73, Dice 0.79-0.81.
+    assert metrics["val/balanced_acc"] > 3 * CHANCE_ACCURACY, metrics
+    assert metrics["val/acc"] > 3 * CHANCE_ACCURACY, metrics
+    assert metrics["val/dice"] > 0.7, metrics
+    assert metrics["val/jaccard"] > 0.55, metrics
