@@ -247,3 +247,16 @@ def test_real_full_pool(tmp_path, shared_data):
     assert all(len(s) == 1 for s in splits_of.values())
     again = prepare(sources, out, workers=2, progress=False)
     assert (again.decoded, again.reused) == (0, 11245)
+
+
+def test_process_pool_gives_the_same_cache_as_in_process(tree, tmp_path, monkeypatch):
+    """Small jobs run in-process; forcing the pool must not change a byte of the manifest."""
+    import skinfusion.data.prepare as prepare_module
+
+    single = prepare(_sources(tree), tmp_path / "one", size=32, workers=1, progress=False)
+    monkeypatch.setattr(prepare_module, "_MIN_TASKS_PER_WORKER", 0)
+    pooled = prepare(_sources(tree), tmp_path / "two", size=32, workers=2, progress=False)
+    assert (pooled.accepted, pooled.decoded) == (single.accepted, single.decoded) == (7, 7)
+    assert (tmp_path / "one" / "manifest.csv").read_bytes() == (tmp_path / "two" / "manifest.csv").read_bytes()
+    for name in ("images/ISIC_0000001.jpg", "masks/ISIC_0000001.png"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

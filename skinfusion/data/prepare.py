@@ -271,13 +271,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: Below this many files per worker the process pool's start-up costs more than it saves.
+_MIN_TASKS_PER_WORKER = 64
+
+
 def _run_tasks(tasks: list, workers: int, progress: bool) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(tasks), desc="prepare", unit="img", disable=not progress or not tasks)
     results = []
     try:
-        if workers <= 1 or len(tasks) <= 1:
+        # A spawned worker imports the package (torch included): seconds each, so small jobs run in-process.
+        if workers <= 1 or len(tasks) < _MIN_TASKS_PER_WORKER * workers:
             _init_worker()
             for task in tasks:
                 results.append(_process(task))
