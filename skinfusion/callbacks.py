@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["MetricsSummary", "WandbConfig"]
+__all__ = ["ISICTestReport", "MetricsSummary", "WandbConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +109,63 @@ class WandbConfig(pl.Callback):
         config = self.resolved_config(trainer) if logger is not None else None
         if config:
             logger.experiment.config.update(config, allow_val_change=True)
+
+
+class ISICTestReport(pl.Callback):
+    """After ``skinfusion test``: the official ISIC metrics at the original image resolution, and a report.
+
+    The ``test/...`` metrics of the test loop are computed at the training resolution. This callback then
+    predicts the DataModule's test split again from the original files (a prepared manifest's
+    ``orig_image``/``orig_mask``), resizes the masks back to each image's own size, and scores them with
+    :mod:`skinfusion.metrics.isic` (identical to the official ISIC scorer). It writes the evaluation report
+    of :func:`skinfusion.report.evaluate` (``metrics.json``, ``per_class.md``, confusion matrix, ROC
+    curves, worst segmentations) and logs the scalars as ``test_isic/<metric>``.
+
+    Args:
+        out_dir: report folder; default ``<log dir>/test_report``.
+        worst: images in the worst-segmentation gallery.
+        tta: flip test-time augmentation for the re-prediction.
+    """
+
+    def __init__(self, out_dir: str | None = None, worst: int = 8, tta: bool = False) -> None:
+        self.out_dir = out_dir
+        self.worst = worst
+        self.tta = tta
+        self.metrics: dict[str, float] = {}
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from pathlib import Path
+
+        from skinfusion.predict import Predictor
+        from skinfusion.report import evaluate
+
+        datamodule = trainer.datamodule
+        manifest = getattr(datamodule, "manifest", None)
+        if manifest is None and getattr(datamodule, "root", None) is not None:
+            manifest = Path(datamodule.root) / "manifest.csv"
+        if manifest is None:
+            print("ISICTestReport: the DataModule has no manifest; skipped", flush=True)
+            return
+        predictor = Predictor(
+            pl_module,
+            image_size=datamodule.image_size,
+            normalization=datamodule.normalization,
+            device=pl_module.device,
+            batch_size=datamodule.batch_size,
+            tta=self.tta,
+            class_names=getattr(pl_module, "class_names", None),
+            progress=trainer.progress_bar_callback is not None,
+        )
+        out_dir = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "test_report")
+        metrics = evaluate(predictor, manifest, out_dir, worst=self.worst, split="test")
+        self.metrics = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics({f"test_isic/{k}": v for k, v in self.metrics.items()}, step=trainer.global_step)
+        keys = ("task1/threshold_jaccard", "task1/jaccard", "task1/dice", "task3/balanced_accuracy")
+        lines = [f"ISIC metrics at the original resolution (test split), report in {out_dir}:"]
+        lines += [f"  {k:<24}  {self.metrics[k]:.4f}" for k in keys if k in self.metrics]
+        print("\n".join(lines), flush=True)

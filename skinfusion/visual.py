@@ -197,6 +197,10 @@ class WandbPanels(pl.Callback):
         if not indices:
             return {}
         batch = default_collate([dataset[i] for i in indices])
+        batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None:  # e.g. uint8 -> normalised float with data.normalize_on_device
+            batch = datamodule.on_after_batch_transfer(batch, 0)
         net = getattr(pl_module, "net", pl_module)
         was_training = net.training
         net.eval()
@@ -211,7 +215,7 @@ class WandbPanels(pl.Callback):
         finally:
             net.train(was_training)
         normalization = self._normalization(trainer)
-        images = [denormalize(img, normalization) for img in batch["image"]]
+        images = [denormalize(img, normalization) for img in batch["image"].float().cpu()]
         ids = list(batch.get("id", [str(i) for i in indices]))
         labels = batch.get("label", torch.full((len(indices),), -1)).tolist()
         has_mask = batch.get("has_mask", torch.zeros(len(indices), dtype=torch.bool)).tolist()
@@ -236,7 +240,7 @@ class WandbPanels(pl.Callback):
                 }
             if has_mask[k]:
                 masks["ground_truth"] = {
-                    "mask_data": (batch["mask"][k, 0] > 0.5).numpy().astype(np.uint8),
+                    "mask_data": (batch["mask"][k, 0] > 0.5).cpu().numpy().astype(np.uint8),
                     "class_labels": MASK_LABELS,
                 }
             panel.append(wandb.Image(image, masks=masks or None, caption=", ".join(caption)))

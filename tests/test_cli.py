@@ -128,3 +128,31 @@ def test_top_level_help(capsys):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="nope.csv"):
         main(["fit", *_configs_for(BASE), *TINY, f"--data.manifest={tmp_path / 'nope.csv'}"])
+
+
+def test_test_command_reports_isic_metrics_at_original_resolution(small_manifest, tmp_path, capsys):
+    """`skinfusion test` ends with the official-resolution ISIC metrics and the report folder."""
+    import json
+
+    # CSV logging only: a second W&B run in one pytest process would disturb tests/test_wandb.py's own run.
+    csv_only = (
+        '--trainer.logger={"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}'
+    )
+    common = [
+        *_configs_for(BASE),
+        *[a for a in TINY if "fast_dev_run" not in a],
+        f"--data.manifest={small_manifest}",
+        csv_only,
+    ]
+    main(["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"])
+    last = next(tmp_path.rglob("last.ckpt"))
+    main(["test", *common, f"--ckpt_path={last}"])
+    printed = capsys.readouterr().out
+    out_dir = next(tmp_path.rglob("test_report"))
+    assert "ISIC metrics at the original resolution" in printed
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    n_test = sum(1 for line in small_manifest.read_text().splitlines()[1:] if ",test," in line)
+    assert metrics["task1/num_images"] == n_test
+    assert 0.0 <= metrics["task1/threshold_jaccard"] <= 1.0
+    assert (out_dir / "per_class.md").is_file()
+    assert (out_dir / "worst_segmentations").is_dir()
