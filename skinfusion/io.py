@@ -18,7 +18,7 @@ import torch
 
 from skinfusion.errors import WeightsError
 
-__all__ = ["atomic_save", "load_checkpoint", "load_state_dict", "save_safetensors"]
+__all__ = ["atomic_save", "atomic_write_bytes", "load_checkpoint", "load_state_dict", "save_safetensors"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -71,6 +71,26 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: holds no state dict (a mapping of parameter names to tensors)")
     return dict(obj)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash leaves either the previous file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -34,9 +34,7 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ from torch import nn
 
 from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.errors import DataError
+from skinfusion.io import atomic_write_bytes
 from skinfusion.postprocess import PostProcess
 
 log = logging.getLogger(__name__)
@@ -279,26 +278,6 @@ def mask_filename(image_id: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Atomic writers
 # ---------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash leaves either the previous file or the new one, never a truncated file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -31,6 +31,7 @@ from skinfusion.reliability import (
     UnpaddedDistributedSampler,
     batches_per_epoch,
     distributed_world,
+    mixed_seed,
     resume_position,
 )
 
@@ -41,10 +42,6 @@ log = logging.getLogger(__name__)
 _SPLITS = ("train", "val", "test")
 
 
-def _mixed_seed(*values: int) -> int:
-    return int(np.random.SeedSequence([int(v) % 2**63 for v in values]).generate_state(1)[0])
-
-
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed numpy, ``random`` and the dataset's albumentations pipeline.
 
@@ -53,7 +50,7 @@ def seed_worker(worker_id: int) -> None:
     reproducible augmentations. Albumentations keeps its own random state, which a forked worker
     would otherwise copy from the main process (every worker repeating the same augmentations).
     """
-    seed = _mixed_seed(torch.initial_seed(), getattr(rank_zero_only, "rank", 0) or 0)
+    seed = mixed_seed(torch.initial_seed(), getattr(rank_zero_only, "rank", 0) or 0)
     np.random.seed(seed)
     random.seed(seed)
     info = get_worker_info()
@@ -376,7 +373,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
             augment=self.augment,
             color_jitter=self.color_jitter,
             normalize=not self.normalize_on_device,
-            seed=_mixed_seed(
+            seed=mixed_seed(
                 self.seed, getattr(rank_zero_only, "rank", 0) or 0, _SPLITS.index(split) if split in _SPLITS else 3
             ),
         )
