@@ -41,6 +41,7 @@ def plain_config(arguments: dict[str, Any]) -> dict[str, Any]:
 
     return {k: plain(v) for k, v in arguments.items() if k not in ("self", "__class__")}
 
+
 ATTENTION_PLACEMENTS = ("encoder", "skip", "classifier")
 
 
