@@ -364,13 +364,15 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     Raises:
         SystemExit: when verification finds an output differing by more than 1e-3.
     """
+    from skinfusion.io import load_checkpoint
     from skinfusion.module import SkinFusionModule
     from skinfusion.predict import DEFAULT_IMAGE_SIZE, checkpoint_settings
 
     args = build_parser().parse_args(argv)
-    settings = checkpoint_settings(args.ckpt)
+    ckpt = load_checkpoint(args.ckpt)  # read once: settings and weights
+    settings = checkpoint_settings(ckpt)
     image_size = int(args.image_size or settings.get("image_size") or DEFAULT_IMAGE_SIZE)
-    module = SkinFusionModule.from_checkpoint(args.ckpt).eval()
+    module = SkinFusionModule.from_checkpoint(ckpt).eval()
     net = module.net.eval()
     if args.format == "onnx":
         names = export_onnx(net, args.out, image_size=image_size, opset=args.opset, batch_size=args.batch_size)

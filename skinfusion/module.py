@@ -7,7 +7,8 @@ loss, the metrics, the optimiser and the logging.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -274,16 +275,17 @@ class SkinFusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(
-        cls, path: str, map_location: str | torch.device = "cpu", **net_overrides: Any
+        cls, path: str | Path | Mapping[str, Any], map_location: str | torch.device = "cpu", **net_overrides: Any
     ) -> SkinFusionModule:
         """Rebuild a trained module from a skinfusion checkpoint without unpickling objects.
 
         The network and loss are rebuilt from the plain configs stored in the checkpoint's
-        hyperparameters, then the weights are loaded strictly.
+        hyperparameters, then the weights are loaded strictly. ``path`` may also be a checkpoint
+        already read with :func:`skinfusion.io.load_checkpoint` (so callers read a large file once).
         """
         from skinfusion.io import load_checkpoint
 
-        ckpt = load_checkpoint(path, map_location)
+        ckpt = path if isinstance(path, Mapping) else load_checkpoint(path, map_location)
         hparams = dict(ckpt.get("hyper_parameters", {}))
         net_config = {**hparams.pop("net_config", {}), **net_overrides, "pretrained": False}
         loss_config = hparams.pop("loss_config", {})

@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -404,16 +404,16 @@ def prediction_overlay(
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_settings(path: str | Path) -> dict[str, Any]:
+def checkpoint_settings(path: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """The input settings (``image_size``, ``normalization``) a checkpoint or exported file records.
 
     Lightning stores the DataModule's hyperparameters in the checkpoint
     (``datamodule_hyper_parameters``); ``skinfusion export --format safetensors`` stores them in the
-    file's metadata. Missing settings are simply absent from the result.
+    file's metadata. Missing settings are simply absent from the result. ``path`` may also be a
+    checkpoint already read with :func:`skinfusion.io.load_checkpoint`.
     """
-    path = Path(path)
     found: dict[str, Any] = {}
-    if path.suffix == ".safetensors":
+    if not isinstance(path, Mapping) and Path(path).suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
@@ -424,7 +424,7 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any]:
         return found
     from skinfusion.io import load_checkpoint
 
-    ckpt = load_checkpoint(path)
+    ckpt = path if isinstance(path, Mapping) else load_checkpoint(path)
     for section in ("hyper_parameters", "datamodule_hyper_parameters"):  # the DataModule's wins
         values = ckpt.get(section) or {}
         for key in ("image_size", "normalization"):
@@ -433,17 +433,20 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any]:
     return found
 
 
-def _load_model(source: str | Path) -> tuple[nn.Module, list[str] | None]:
+def _load_model(source: str | Path) -> tuple[nn.Module, list[str] | None, dict[str, Any]]:
+    """The network, its class names and its input settings, reading the file once."""
     path = Path(source)
     if path.suffix == ".safetensors":
         from skinfusion.export import load_safetensors_export
 
         net, class_names, _ = load_safetensors_export(path)
-        return net, class_names
+        return net, class_names, checkpoint_settings(path)
+    from skinfusion.io import load_checkpoint
     from skinfusion.module import SkinFusionModule
 
-    module = SkinFusionModule.from_checkpoint(str(path))
-    return module.net, list(module.class_names)
+    ckpt = load_checkpoint(path)
+    module = SkinFusionModule.from_checkpoint(ckpt)
+    return module.net, list(module.class_names), checkpoint_settings(ckpt)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -547,8 +550,7 @@ class Predictor:
     ) -> None:
         settings: dict[str, Any] = {}
         if isinstance(model, (str, Path)):
-            settings = checkpoint_settings(model)
-            net, stored_names = _load_model(model)
+            net, stored_names, settings = _load_model(model)
         else:
             hparams = getattr(model, "hparams", None) or {}
             settings = {k: hparams[k] for k in ("image_size", "normalization") if hparams.get(k) is not None}
