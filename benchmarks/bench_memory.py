@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from skinfusion.callbacks import MallocTuning
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
@@ -89,6 +90,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=160)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "glibc"),
+        default="tuned",
+        help="tuned: the MallocTuning callback, as in experiments/base.yaml (default); glibc: its defaults",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +116,8 @@ def main() -> None:
             max_epochs=args.epochs,
             default_root_dir=tmp,
             logger=pl.loggers.CSVLogger(tmp),
-            callbacks=[probe, LastCheckpoint(every_n_train_steps=0)],
+            callbacks=[probe, LastCheckpoint(every_n_train_steps=0)]
+            + ([MallocTuning()] if args.malloc == "tuned" else []),
             enable_progress_bar=False,
             enable_model_summary=False,
         )

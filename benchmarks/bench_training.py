@@ -13,7 +13,9 @@ Both sides train the same network on the same batches:
   images with a mask, cross-entropy over the labelled ones), AdamW, ``zero_grad/backward/step``.
 * ``skinfusion``: ``pl.Trainer.fit(SkinFusionModule(SkinFusionNet(attention=None, fusion="none")),
   SkinFusionDataModule(...))`` with per-step loss logging and train metrics as in real runs (no logger,
-  checkpointing or progress bar; validation off).
+  checkpointing or progress bar; validation off), and skinfusion's default optimiser, fused AdamW. The
+  ``+loopadam`` variant uses the plain loop's optimiser (PyTorch's default AdamW, a loop over parameters on
+  CPU) instead: that pair does exactly the same work, so its ratio is the framework's own cost.
 
 Both read ``SkinFusionDataModule.train_dataloader()`` of the same synthetic data set (same samples, same
 augmentation). A step's time is the interval between the ends of consecutive optimiser steps, so data
@@ -23,9 +25,17 @@ step after each of its own steps (A B A B at step level), so the two see the sam
 is measured within the run; ``plain`` as a variant runs the loop on its own instead. Variants run in turn,
 A B C, C B A, ... (``--rounds``); the tables give the median over rounds and the spread (the noise).
 
+Both sides share the process, so they share its allocator: ``--malloc tuned`` (the default, as in
+``experiments/base.yaml``) or glibc's defaults (``--malloc glibc``), under which the page faults of
+returning memory to the kernel land on whichever loop happens to run in a given heap state (measured
+differences up to 10% in either direction that have nothing to do with either loop; ``bench_allocator.py``
+measures the allocator itself, each variant in its own process).
+
 Speed options, joined with ``+`` to ``skinfusion``: ``cl`` (``channels_last``), ``uint8``
 (``normalize_on_device``), ``bf16``/``fp16`` (``trainer.precision="bf16-mixed"``/``"16-mixed"``), ``compile``
-(``torch.compile``; slow to start), ``wN`` (``N`` loader workers), ``pin`` (``pin_memory``).
+(``torch.compile``; slow to start), ``wN`` (``N`` loader workers), ``pin`` (``pin_memory``), ``nometrics``
+(``model.train_metrics=false``: losses logged, no training-batch metrics; the plain loop computes none),
+``loopadam`` (the plain loop's unfused AdamW instead of skinfusion's fused default).
 
 The last section compares the loader alone (in the main process, i.e. the rate of one worker) with the rate
 the fastest variant consumes images at, and says how many workers keep up.
@@ -48,12 +58,13 @@ from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
+from skinfusion.allocator import tune_malloc
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
 
 NUM_CLASSES = 7
-OPTIONS = ("cl", "uint8", "bf16", "fp16", "compile", "pin")
+OPTIONS = ("cl", "uint8", "bf16", "fp16", "compile", "pin", "nometrics", "loopadam")
 
 
 class PlainNet(nn.Module):
@@ -92,6 +103,11 @@ def plain_loss(mask_logits, class_logits, batch) -> torch.Tensor:
     return seg + cls
 
 
+def loop_adamw(params) -> torch.optim.Optimizer:
+    """The plain loop's optimiser: PyTorch's AdamW with its CPU default (a Python loop over the parameters)."""
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, foreach=False)
+
+
 class StepTimer(pl.Callback):
     """Timestamps of every training batch's start and end (after the optimiser step)."""
 
@@ -115,7 +131,7 @@ class PlainSteps:
         torch.manual_seed(0)
         self.device = bench.device
         self.net = PlainNet(bench.args.encoder, bench.decoder_channels).to(bench.device).train()
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-4)
+        self.optimizer = loop_adamw(self.net.parameters())
         self.batches = iter(bench.datamodule().train_dataloader())
 
     def step(self) -> None:
@@ -198,7 +214,7 @@ class Bench:
         args, device = self.args, self.device
         torch.manual_seed(0)
         net = PlainNet(args.encoder, self.decoder_channels).to(device).train()
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+        optimizer = loop_adamw(net.parameters())
         loader = self.datamodule().train_dataloader()
         starts, ends = [], []
         for step, batch in enumerate(loader):
@@ -227,7 +243,14 @@ class Bench:
         net = SkinFusionNet(
             args.encoder, attention=None, fusion="none", decoder_channels=self.decoder_channels, num_classes=NUM_CLASSES
         )
-        module = SkinFusionModule(net, channels_last="cl" in options, compile="compile" in options)
+        extra = {"optimizer": loop_adamw} if "loopadam" in options else {}
+        module = SkinFusionModule(
+            net,
+            **extra,
+            channels_last="cl" in options,
+            compile="compile" in options,
+            train_metrics="nometrics" not in options,
+        )
         timer = StepTimer(self.device)
         interleave = Interleave(PlainSteps(self), self.device) if self.args.interleave else None
         precision = "bf16-mixed" if "bf16" in options else "16-mixed" if "fp16" in options else "32-true"
@@ -282,7 +305,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, alternating")
     parser.add_argument("--workers", type=int, default=0, help="loader workers of every variant without +wN")
     parser.add_argument("--decoder-channels", default="256,128,64,32,16")
-    parser.add_argument("--variants", default="skinfusion,skinfusion+cl,skinfusion+uint8,skinfusion+bf16")
+    parser.add_argument(
+        "--variants", default="skinfusion+loopadam,skinfusion,skinfusion+cl,skinfusion+uint8,skinfusion+bf16"
+    )
     parser.add_argument(
         "--interleave",
         action=argparse.BooleanOptionalAction,
@@ -291,7 +316,17 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "glibc"),
+        default="tuned",
+        help="tuned: skinfusion.allocator.tune_malloc() for the whole process, as base.yaml's MallocTuning does "
+        "(default); glibc: the allocator's defaults, under which whichever loop runs in a given heap state pays "
+        "page faults for it (bench_allocator.py compares the two)",
+    )
     args = parser.parse_args()
+    if args.malloc == "tuned":
+        tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -306,7 +341,7 @@ def main() -> None:
     params = [sum(p.numel() for p in n.parameters()) for n in (plain_net, sf_net)]
     flops = [forward_flops(n, image) for n in (plain_net, sf_net)]
     print(f"# training: {args.encoder} U-Net + linear classifier, {args.image_size} px, batch {args.batch_size}")
-    print(f"# {machine(device)}; device {device}; loader workers {args.workers}")
+    print(f"# {machine(device)}; device {device}; loader workers {args.workers}; malloc {args.malloc}")
     print(
         f"# same network: params plain {params[0] / 1e6:.3f} M / skinfusion {params[1] / 1e6:.3f} M, "
         f"forward GFLOPs/img {flops[0] / 1e9:.3f} / {flops[1] / 1e9:.3f}"

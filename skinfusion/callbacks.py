@@ -9,7 +9,9 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["ISICTestReport", "MetricsSummary", "WandbConfig"]
+from skinfusion import allocator
+
+__all__ = ["ISICTestReport", "MallocTuning", "MetricsSummary", "WandbConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,34 @@ class MetricsSummary(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._print(trainer, "test", "Test metrics")
+
+
+class MallocTuning(pl.Callback):
+    """Keep freed CPU memory for reuse between steps (glibc): no page-fault churn, faster CPU steps.
+
+    Calls :func:`skinfusion.allocator.tune_malloc` when a run is set up (before the loader workers start, so
+    forked workers inherit it). Measured with ``python benchmarks/bench_allocator.py``: the same training
+    step 1.1-1.2x faster on CPU with bit-identical results; the process keeps its peak memory instead of
+    returning it to the kernel between steps. Nothing happens on non-glibc systems or where the allocator is
+    configured through the environment. Remove the callback from the config to keep glibc's defaults.
+
+    Args:
+        mmap_threshold: bytes; see :func:`~skinfusion.allocator.tune_malloc`.
+        trim_threshold: bytes; see :func:`~skinfusion.allocator.tune_malloc`.
+    """
+
+    def __init__(
+        self,
+        mmap_threshold: int = allocator.DEFAULT_MMAP_THRESHOLD,
+        trim_threshold: int = allocator.DEFAULT_TRIM_THRESHOLD,
+    ) -> None:
+        allocator.check_thresholds(mmap_threshold, trim_threshold)  # at config parsing, not when the run starts
+        self.mmap_threshold = mmap_threshold
+        self.trim_threshold = trim_threshold
+        self.applied = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.applied = allocator.tune_malloc(self.mmap_threshold, self.trim_threshold)
 
 
 class WandbConfig(pl.Callback):

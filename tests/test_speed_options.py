@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, normalize_tensor
@@ -229,3 +230,66 @@ def test_validate_and_predict_run_in_inference_mode(tmp_path):
     trainer.validate(module, datamodule=dm, verbose=False)
     trainer.predict(module, datamodule=dm)
     assert module.modes == {"val": True, "predict": True}
+
+
+# ---------------------------------------------------------------- fused AdamW, training metrics off
+
+
+def _fit_weights(tmp_path, optimizer=None, steps: int = 4, **options) -> list[torch.Tensor]:
+    module = _module(**options) if optimizer is None else _module(optimizer=optimizer, **options)
+    _trainer(tmp_path, max_steps=steps, limit_val_batches=0).fit(module, datamodule=_datamodule())
+    return [p.detach().clone() for p in module.parameters()], module
+
+
+def test_default_optimizer_is_fused_adamw_on_cpu():
+    module = _module()
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["fused"] is True
+    assert optimizer.defaults["lr"] == pytest.approx(1e-3)
+    assert optimizer.defaults["weight_decay"] == pytest.approx(1e-4)
+
+
+def test_fused_adamw_trains_to_the_same_weights_as_the_loop(tmp_path):
+    def loop(params):
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, foreach=False)
+
+    fused, _ = _fit_weights(tmp_path)
+    looped, module = _fit_weights(tmp_path, optimizer=loop)
+    assert module.trainer.optimizers[0].defaults["fused"] in (None, False)
+    for a, b in zip(fused, looped, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # The runs trained (the weights moved from their initial values), so the equality is not vacuous.
+    initial = [p.detach() for p in _module().parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(fused, initial, strict=True))
+
+
+def test_fused_optimizer_with_fp16_gradient_clipping_is_refused_at_setup():
+    def fused(params):
+        return torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+    module = _module(optimizer=fused)
+    # fp16 with a GradScaler (what "16-mixed" is on a GPU; on a CPU Lightning would switch to bf16).
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = pl.Trainer(accelerator="cpu", plugins=[fp16], gradient_clip_val=1.0, logger=False)
+    module.trainer = trainer
+    with pytest.raises(ValueError, match=r"fused: false.*bf16-mixed"):
+        module.configure_optimizers()
+    # The default optimiser picks the per-parameter loop instead, which Lightning can clip.
+    default = _module()
+    default.trainer = trainer
+    assert default.configure_optimizers().defaults["fused"] in (None, False)
+
+
+def test_train_metrics_off_logs_losses_but_no_training_metrics(tmp_path):
+    results = {}
+    for flag in (True, False):
+        module = _module(train_metrics=flag)
+        trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+        trainer.fit(module, datamodule=_datamodule())
+        results[flag] = set(trainer.callback_metrics)
+    assert {"train/loss_epoch", "train/dice", "train/acc"} <= results[True]
+    assert "train/loss_epoch" in results[False]
+    assert not {k for k in results[False] if k.startswith("train/") and "loss" not in k}
+    # Validation metrics are unaffected.
+    assert {"val/dice", "val/acc"} <= results[False]
