@@ -89,3 +89,9 @@ def matmul_flops_per_s(device: torch.device, n: int = 2048, repeats: int = 5, dt
         sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def loop_adamw(params) -> torch.optim.Optimizer:
+    """A plain loop's optimiser: PyTorch's AdamW with its CPU default (a Python loop over the parameters),
+    not skinfusion's fused default; used where both sides of a comparison must do the same work."""
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, foreach=False)

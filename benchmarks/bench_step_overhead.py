@@ -1,11 +1,16 @@
 """The Trainer's own cost per step, without data loading: SkinFusionModule in a Trainer vs a bare loop.
 
     python benchmarks/bench_step_overhead.py [--encoder resnet18 --image-size 96 --batch-size 8 --steps 40]
+    python benchmarks/bench_step_overhead.py --encoder test_resnet --image-size 32 --batch-size 4 \
+        --steps 300 --warmup 20 --threads 1 --rounds 5     # a tiny step: the overhead in milliseconds
 
 Both sides train the same SkinFusionNet with the same MultiTaskLoss and AdamW on the same in-memory
 batches (no DataLoader workers), so the difference is Lightning's loop, hooks, logging and the
 torchmetrics updates. A third variant turns logging and metrics off to show their share. Rounds
-alternate (A B C, C B A, ...); medians of the per-step times after a warm-up.
+alternate (A B C, C B A, ...); medians of the per-step times after a warm-up. With a real network the
+differences are within this 2-core machine's noise (use ``bench_training.py``'s interleaved ratio there);
+the tiny-network form measures the fixed cost per step in milliseconds, which is what matters when a
+GPU makes steps short.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from _bench import loop_adamw
 
 from skinfusion import MultiTaskLoss, SkinFusionModule, SkinFusionNet
+from skinfusion.allocator import tune_malloc
 
 
 def make_batches(args: argparse.Namespace) -> list[dict]:
@@ -49,7 +56,7 @@ class StepEnds(pl.Callback):
 
 
 def trainer_step_s(args: argparse.Namespace, batches: list[dict], quiet: bool) -> float:
-    module = SkinFusionModule(net(args))
+    module = SkinFusionModule(net(args), optimizer=loop_adamw)
     if quiet:
         module.log = lambda *a, **k: None
         module._update_metrics = lambda *a, **k: None
@@ -71,7 +78,7 @@ def trainer_step_s(args: argparse.Namespace, batches: list[dict], quiet: bool) -
 
 def plain_step_s(args: argparse.Namespace, batches: list[dict]) -> float:
     model, loss_fn = net(args).train(), MultiTaskLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    optimizer = loop_adamw(model.parameters())
     times = []
     for i in range(args.steps):
         batch = batches[i % len(batches)]
@@ -91,7 +98,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "glibc"),
+        default="tuned",
+        help="tuned (default, as experiments/base.yaml): no page-fault churn, which under glibc's defaults lands "
+        "on whichever variant runs in a given heap state",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.malloc == "tuned":
+        tune_malloc()
     batches = make_batches(args)
     variants = {
         "plain loop": lambda: plain_step_s(args, batches),
@@ -104,11 +123,14 @@ def main() -> None:
         for name in order if r % 2 == 0 else reversed(order):
             results[name].append(variants[name]())
     plain = statistics.median(results["plain loop"])
-    print(f"# {args.encoder}, {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"# {args.encoder}, {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+        f"malloc {args.malloc}"
+    )
     print("| variant | ms/step (median over rounds) | images/s | vs plain loop |\n| --- | ---: | ---: | ---: |")
     for name, times in results.items():
         t = statistics.median(times)
-        print(f"| {name} | {t * 1000:.1f} | {args.batch_size / t:.1f} | {plain / t:.2f} |")
+        print(f"| {name} | {t * 1000:.2f} | {args.batch_size / t:.1f} | {plain / t:.2f} |")
 
 
 if __name__ == "__main__":

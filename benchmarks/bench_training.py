@@ -53,7 +53,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from _bench import alternate, forward_flops, machine, median, spread, sync
+from _bench import alternate, forward_flops, loop_adamw, machine, median, spread, sync
 from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
@@ -101,11 +101,6 @@ def plain_loss(mask_logits, class_logits, batch) -> torch.Tensor:
     labelled = batch["label"] >= 0
     cls = F.cross_entropy(class_logits.float(), batch["label"], ignore_index=-1) if labelled.any() else 0.0
     return seg + cls
-
-
-def loop_adamw(params) -> torch.optim.Optimizer:
-    """The plain loop's optimiser: PyTorch's AdamW with its CPU default (a Python loop over the parameters)."""
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, foreach=False)
 
 
 class StepTimer(pl.Callback):
