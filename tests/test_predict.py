@@ -358,3 +358,15 @@ def test_real_isic_originals_at_full_resolution(tmp_path, shared_data, ckpt):
             assert pred.size == truth.size
     score = SegmentationScore.from_dir(truth_dir, tmp_path / "out" / "masks")
     assert 0.0 <= score.macro_average["jaccard"] <= 1.0
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-malloc-tuning"]])
+def test_predict_cli_tunes_the_allocator_unless_told_not_to(tmp_path, ckpt, monkeypatch, flag):
+    import skinfusion.predict as predict_module
+
+    calls = []
+    monkeypatch.setattr(predict_module, "tune_malloc", lambda: calls.append(True) or True)
+    args = predict_module.build_parser().parse_args(["x.jpg", "--ckpt", str(ckpt), "--out", str(tmp_path), *flag])
+    predictor = predict_module.predictor_from_args(args)
+    assert isinstance(predictor, predict_module.Predictor)
+    assert calls == ([] if flag else [True])
