@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import subprocess
@@ -95,3 +96,11 @@ def loop_adamw(params) -> torch.optim.Optimizer:
     """A plain loop's optimiser: PyTorch's AdamW with its CPU default (a Python loop over the parameters),
     not skinfusion's fused default; used where both sides of a comparison must do the same work."""
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, foreach=False)
+
+
+def run_json(command: list[str], name: str) -> dict:
+    """Run a benchmark worker process and return the JSON object on the last line of its stdout."""
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _bench import cpu_model, loop_adamw, median, spread
+from _bench import cpu_model, loop_adamw, median, run_json, spread
 
 TRAIN_VARIANTS = ("plain", "plain+tuned", "skinfusion", "skinfusion+tuned", "skinfusion+tuned+fused")
 INFER_VARIANTS = ("infer", "infer+tuned")
@@ -162,10 +161,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     """One variant in a fresh process; its JSON result plus the peak RSS."""
     out_file = Path(args.tmp) / f"{variant}-{len(list(Path(args.tmp).iterdir()))}.pt"
     command = [sys.executable, __file__, "--worker", variant, "--out", str(out_file), *args.passthrough]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(command, variant)
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _bench import forward_flops, machine, matmul_flops_per_s, median, spread, sync
+from _bench import forward_flops, machine, matmul_flops_per_s, median, run_json, spread, sync
 
 from skinfusion.nn import SkinFusionNet
 
@@ -158,10 +157,7 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict:
         value = getattr(args, key)
         if value is not None:
             command += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(command, variant)
 
 
 def main() -> None:
