@@ -10,6 +10,7 @@ real ISIC 2018 Task 1 downloads) to a temporary folder, then times
 Usage::
 
     python benchmarks/bench_prepare.py [--n 8] [--width 4000] [--height 3000] [--size 256] [--repeat 2]
+    python benchmarks/bench_prepare.py --malloc tuned      # as `skinfusion prepare` runs; compare with the above
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from skinfusion.allocator import tune_malloc
 from skinfusion.data.imageio import read_image
 from skinfusion.data.prepare import prepare
 
@@ -70,7 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--malloc",
+        choices=("glibc", "tuned"),
+        default="glibc",
+        help="glibc: the allocator's defaults (default); tuned: skinfusion.allocator.tune_malloc() first, as "
+        "`skinfusion prepare` does. Process-wide, so compare two runs",
+    )
     args = parser.parse_args(argv)
+    if args.malloc == "tuned":
+        tune_malloc()
+    print(f"# malloc: {args.malloc}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         t0 = time.perf_counter()

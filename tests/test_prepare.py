@@ -260,3 +260,26 @@ def test_process_pool_gives_the_same_cache_as_in_process(tree, tmp_path, monkeyp
     assert (tmp_path / "one" / "manifest.csv").read_bytes() == (tmp_path / "two" / "manifest.csv").read_bytes()
     for name in ("images/ISIC_0000001.jpg", "masks/ISIC_0000001.png"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-malloc-tuning"]])
+def test_cli_tunes_the_decoding_allocator_unless_told_not_to(tree, tmp_path, monkeypatch, flag):
+    import skinfusion.data.prepare as prepare_module
+
+    calls = []
+    monkeypatch.setattr(prepare_module, "tune_malloc", lambda: calls.append(True) or True)
+    argv = ["--out", str(tmp_path / "cache"), "--size", "32", "--workers", "1", "--no-progress", *flag]
+    for s in _sources(tree):
+        argv += ["--source", s]
+    assert prepare_main(argv) == 0
+    assert len(_rows(tmp_path / "cache")) == 7
+    assert calls == ([] if flag else [True])
+
+
+def test_python_api_leaves_the_allocator_alone_by_default(tree, tmp_path, monkeypatch):
+    import skinfusion.data.prepare as prepare_module
+
+    calls = []
+    monkeypatch.setattr(prepare_module, "tune_malloc", lambda: calls.append(True) or True)
+    prepare(_sources(tree), tmp_path / "cache", size=32, workers=1, progress=False)
+    assert calls == []
