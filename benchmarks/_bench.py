@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -104,3 +105,23 @@ def run_json(command: list[str], name: str) -> dict:
     if out.returncode:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def add_malloc_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--malloc {tuned,glibc}``: the process's allocator for the whole run (it cannot be changed back)."""
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "glibc"),
+        default=default,
+        help=f"tuned: skinfusion.allocator.tune_malloc(), as experiments/base.yaml's MallocTuning and the CLI "
+        f"commands do; glibc: the allocator's defaults, under which page faults land on whatever runs in a "
+        f"given heap state (default: {default}; bench_allocator.py compares the two)",
+    )
+
+
+def apply_malloc(args: argparse.Namespace) -> None:
+    """Tune the allocator when ``--malloc tuned`` was chosen (see :func:`add_malloc_option`)."""
+    if args.malloc == "tuned":
+        from skinfusion.allocator import tune_malloc
+
+        tune_malloc()

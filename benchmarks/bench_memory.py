@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
+from _bench import add_malloc_option
 
 from skinfusion.callbacks import MallocTuning
 from skinfusion.data.datamodule import SkinFusionDataModule
@@ -90,12 +91,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=160)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument(
-        "--malloc",
-        choices=("tuned", "glibc"),
-        default="tuned",
-        help="tuned: the MallocTuning callback, as in experiments/base.yaml (default); glibc: its defaults",
-    )
+    add_malloc_option(parser, default="tuned")  # applied through the MallocTuning callback, as in base.yaml
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

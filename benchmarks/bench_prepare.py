@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _bench import add_malloc_option, apply_malloc
 from PIL import Image
 
-from skinfusion.allocator import tune_malloc
 from skinfusion.data.imageio import read_image
 from skinfusion.data.prepare import prepare
 
@@ -72,16 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument(
-        "--malloc",
-        choices=("glibc", "tuned"),
-        default="glibc",
-        help="glibc: the allocator's defaults (default); tuned: skinfusion.allocator.tune_malloc() first, as "
-        "`skinfusion prepare` does. Process-wide, so compare two runs",
-    )
+    add_malloc_option(parser, default="glibc")  # process-wide: compare two runs
     args = parser.parse_args(argv)
-    if args.malloc == "tuned":
-        tune_malloc()
+    apply_malloc(args)
     print(f"# malloc: {args.malloc}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"

@@ -21,10 +21,9 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from _bench import loop_adamw
+from _bench import add_malloc_option, apply_malloc, loop_adamw
 
 from skinfusion import MultiTaskLoss, SkinFusionModule, SkinFusionNet
-from skinfusion.allocator import tune_malloc
 
 
 def make_batches(args: argparse.Namespace) -> list[dict]:
@@ -98,19 +97,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--malloc",
-        choices=("tuned", "glibc"),
-        default="tuned",
-        help="tuned (default, as experiments/base.yaml): no page-fault churn, which under glibc's defaults lands "
-        "on whichever variant runs in a given heap state",
-    )
+    add_malloc_option(parser, default="tuned")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.malloc == "tuned":
-        tune_malloc()
+    apply_malloc(args)
     batches = make_batches(args)
     variants = {
         "plain loop": lambda: plain_step_s(args, batches),

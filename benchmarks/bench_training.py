@@ -53,12 +53,11 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from _bench import alternate, forward_flops, loop_adamw, machine, median, spread, sync
+from _bench import add_malloc_option, alternate, apply_malloc, forward_flops, loop_adamw, machine, median, spread, sync
 from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
-from skinfusion.allocator import tune_malloc
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
@@ -311,17 +310,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument(
-        "--malloc",
-        choices=("tuned", "glibc"),
-        default="tuned",
-        help="tuned: skinfusion.allocator.tune_malloc() for the whole process, as base.yaml's MallocTuning does "
-        "(default); glibc: the allocator's defaults, under which whichever loop runs in a given heap state pays "
-        "page faults for it (bench_allocator.py compares the two)",
-    )
+    add_malloc_option(parser, default="tuned")
     args = parser.parse_args()
-    if args.malloc == "tuned":
-        tune_malloc()
+    apply_malloc(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)

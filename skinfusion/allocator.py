@@ -20,13 +20,21 @@ unless ``--no-malloc-tuning`` is given.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
 import platform
 import sys
 
-__all__ = ["DEFAULT_MMAP_THRESHOLD", "DEFAULT_TRIM_THRESHOLD", "check_thresholds", "malloc_settings", "tune_malloc"]
+__all__ = [
+    "DEFAULT_MMAP_THRESHOLD",
+    "DEFAULT_TRIM_THRESHOLD",
+    "add_no_tuning_flag",
+    "check_thresholds",
+    "malloc_settings",
+    "tune_malloc",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,15 @@ def tune_malloc(
     _applied = settings
     log.debug("malloc tuned: %s", settings)
     return True
+
+
+def add_no_tuning_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, gain: str) -> None:
+    """Add a command's ``--no-malloc-tuning`` flag (``args.no_malloc_tuning``); ``gain`` says what tuning buys."""
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help=f"keep glibc's allocator defaults (by default freed memory is kept for reuse: {gain})",
+    )
 
 
 def malloc_settings() -> dict[str, int] | None:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from skinfusion.allocator import tune_malloc
+from skinfusion.allocator import add_no_tuning_flag, tune_malloc
 from skinfusion.data.imageio import DEFAULT_MAX_PIXELS
 from skinfusion.data.readers import Reader, apply_labels, combine, create_reader
 from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
@@ -567,11 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reduce", action="store_true", help="disable reduced-resolution JPEG decoding")
     p.add_argument("--resplit", action="store_true", help="ignore a manifest's split column")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument(
-        "--no-malloc-tuning",
-        action="store_true",
-        help="keep glibc's allocator defaults (by default decoded images' memory is reused: faster decoding)",
-    )
+    add_no_tuning_flag(p, "faster decoding")
     return p
 
 
