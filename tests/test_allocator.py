@@ -45,11 +45,16 @@ print(json.dumps(result))
 """
 
 
-def _run(script: str, env: dict[str, str] | None = None) -> dict:
+def _run(script: str, *argv: str, env: dict[str, str] | None = None) -> dict | list:
+    """Run ``script`` in a fresh Python process (glibc's allocator defaults) and parse its last line as JSON."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     full_env.update(env or {})
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=full_env, timeout=300
+        [sys.executable, "-c", textwrap.dedent(script), *argv],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -126,11 +131,4 @@ def test_a_training_run_gives_identical_weights_with_and_without_tuning():
                callbacks=[MallocTuning()] if tuned else []).fit(module, datamodule=data)
     print(json.dumps([float(p.double().sum()) for p in module.parameters()]))
     """
-    runs = {}
-    for mode in ("default", "tuned"):
-        out = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(script), mode], capture_output=True, text=True, timeout=300
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert runs["default"] == runs["tuned"]
+    assert _run(script, "default") == _run(script, "tuned")

@@ -235,9 +235,10 @@ def test_validate_and_predict_run_in_inference_mode(tmp_path):
 # ---------------------------------------------------------------- fused AdamW, training metrics off
 
 
-def _fit_weights(tmp_path, optimizer=None, steps: int = 4, **options) -> list[torch.Tensor]:
-    module = _module(**options) if optimizer is None else _module(optimizer=optimizer, **options)
-    _trainer(tmp_path, max_steps=steps, limit_val_batches=0).fit(module, datamodule=_datamodule())
+def _fit_weights(tmp_path, **options) -> tuple[list[torch.Tensor], SkinFusionModule]:
+    """The weights after 4 training steps of ``_module(**options)``, and the module."""
+    module = _module(**options)
+    _trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(module, datamodule=_datamodule())
     return [p.detach().clone() for p in module.parameters()], module
 
 
