@@ -41,12 +41,6 @@ TRAIN_VARIANTS = ("plain", "plain+tuned", "skinfusion", "skinfusion+tuned", "ski
 INFER_VARIANTS = ("infer", "infer+tuned")
 
 
-def usage() -> tuple[int, float]:
-    """(minor page faults, kernel CPU seconds) of this process so far."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_minflt, r.ru_stime
-
-
 def per_step(marks: list[tuple[float, int, float]], warmup: int, batch: int) -> dict[str, float]:
     """images/s, faults/step, kernel ms/step from (time, faults, kernel s) marks at the end of each step."""
     steps = list(zip(marks[warmup:], marks[warmup + 1 :], strict=False))
@@ -58,19 +52,20 @@ def per_step(marks: list[tuple[float, int, float]], warmup: int, batch: int) -> 
 
 
 def mark() -> tuple[float, int, float]:
-    faults, kernel = usage()
-    return time.perf_counter(), faults, kernel
+    """(time, minor page faults, kernel CPU seconds) of this process now."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), usage.ru_minflt, usage.ru_stime
 
 
-def save_result(values: torch.Tensor, path: str) -> str:
-    """Store the run's final weights or outputs (one flat tensor) for the comparison between variants."""
-    torch.save(values.detach().flatten().float().clone(), path)
+def save_result(tensors, path: str) -> str:
+    """Store the run's final weights or outputs, as one flat tensor, for the comparison between variants."""
+    torch.save(torch.cat([t.detach().flatten().float() for t in tensors]), path)
     return path
 
 
 def train_worker(args: argparse.Namespace, variant: str) -> dict:
     import pytorch_lightning as pl
-    from bench_training import Bench, PlainNet, plain_loss
+    from bench_training import Bench, PlainSteps, bench_trainer
 
     from skinfusion.allocator import tune_malloc
     from skinfusion.callbacks import MallocTuning
@@ -89,24 +84,17 @@ def train_worker(args: argparse.Namespace, variant: str) -> dict:
         device="cpu",
     )
     bench = Bench(bench_args)
-    datamodule = bench.datamodule()
+    datamodule = bench.datamodule()  # writes the synthetic data set before any tuning or timing
     tuned = "+tuned" in variant
     marks: list[tuple[float, int, float]] = []
     if variant.startswith("plain"):
         if tuned:
             tune_malloc()
-        torch.manual_seed(0)
-        net = PlainNet(args.encoder, bench.decoder_channels).train()
-        optimizer = loop_adamw(net.parameters())
-        for step, batch in enumerate(datamodule.train_dataloader()):
-            if step == bench.steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            mask_logits, class_logits = net(batch["image"])
-            plain_loss(mask_logits, class_logits, batch).backward()
-            optimizer.step()
+        plain = PlainSteps(bench)
+        for _ in range(bench.steps):
+            plain.step()
             marks.append(mark())
-        weights = save_result(torch.cat([p.flatten() for p in net.parameters()]), args.out)
+        net = plain.net
     else:
 
         class Marks(pl.Callback):
@@ -118,20 +106,9 @@ def train_worker(args: argparse.Namespace, variant: str) -> dict:
             args.encoder, attention=None, fusion="none", decoder_channels=bench.decoder_channels, num_classes=7
         )
         module = SkinFusionModule(net) if "+fused" in variant else SkinFusionModule(net, optimizer=loop_adamw)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=bench.steps,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[Marks()] + ([MallocTuning()] if tuned else []),
-        )
+        trainer = bench_trainer(bench.device, bench.steps, [Marks()] + ([MallocTuning()] if tuned else []))
         trainer.fit(module, datamodule=datamodule)
-        weights = save_result(torch.cat([p.flatten() for p in net.parameters()]), args.out)
+    weights = save_result(net.parameters(), args.out)
     return {**per_step(marks, args.warmup, args.batch_size), "weights": weights}
 
 
@@ -154,7 +131,7 @@ def infer_worker(args: argparse.Namespace, variant: str) -> dict:
             output = net(images)
             outputs = [output.mask_logits.flatten(), output.class_logits.flatten()]
             marks.append(mark())
-    return {**per_step(marks, args.warmup, args.infer_batch), "weights": save_result(torch.cat(outputs), args.out)}
+    return {**per_step(marks, args.warmup, args.infer_batch), "weights": save_result(outputs, args.out)}
 
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict:

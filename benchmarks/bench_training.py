@@ -118,6 +118,25 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
+def bench_trainer(
+    device: torch.device, max_steps: int, callbacks: list[pl.Callback], precision: str = "32-true"
+) -> pl.Trainer:
+    """A Trainer that only trains: no validation, logger, checkpoints, progress bar or model summary."""
+    return pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=max_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
 class PlainSteps:
     """The hand-written loop, one step at a time (so that it can run between the Trainer's steps)."""
 
@@ -249,18 +268,11 @@ class Bench:
         interleave = Interleave(PlainSteps(self), self.device) if self.args.interleave else None
         precision = "bf16-mixed" if "bf16" in options else "16-mixed" if "fp16" in options else "32-true"
         warmup = args.warmup + (3 if "compile" in options else 0)
-        trainer = pl.Trainer(
-            accelerator="gpu" if self.device.type == "cuda" else "cpu",
-            devices=1,
-            precision=precision,
-            max_steps=self.steps + warmup - args.warmup,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer] + ([interleave] if interleave else []),
+        trainer = bench_trainer(
+            self.device,
+            self.steps + warmup - args.warmup,
+            [timer] + ([interleave] if interleave else []),
+            precision,
         )
         trainer.fit(module, datamodule=self.datamodule("uint8" in options, workers, "pin" in options))
         rate, wait = step_stats(timer.starts, timer.ends, warmup, args.batch_size)
