@@ -4,8 +4,8 @@ With glibc's default ``malloc``, a CPU training step or a large inference batch 
 activation memory to the kernel when it ends (allocations above the *mmap threshold*, which adapts up to
 32 MiB, are ``munmap``-ed; free memory above the *trim threshold* at the top of the heap is released), and
 the next step faults the same amount back in as fresh, zero-filled pages. Measured on the 2-core
-development VM (``python benchmarks/bench_allocator.py``): 14,000-22,000 minor page faults and 30-60 ms of
-kernel time per ResNet-18 U-Net training step (96 px, batch 8; 12-22 % of the step), and 88,000-129,000
+development VM (``python benchmarks/bench_allocator.py``): 14,000-28,000 minor page faults and 30-60 ms of
+kernel time per ResNet-18 U-Net training step (96 px, batch 8; 12-22 % of the step), and 55,000-129,000
 faults per batch of 8 in ResNet-50 inference at 224 px.
 
 :func:`tune_malloc` raises both thresholds with ``mallopt(3)`` so that tensor memory stays in the heap and
@@ -14,8 +14,8 @@ results are bit-identical (only where memory comes from changes); the price is t
 peak memory instead of shrinking after it. Only glibc (Linux) is affected; elsewhere it does nothing.
 
 The :class:`~skinfusion.callbacks.MallocTuning` callback (in ``experiments/base.yaml``) applies it when a
-``fit``/``validate``/``test``/``predict`` run is set up; ``skinfusion predict`` and ``evaluate`` apply it
-unless ``--no-malloc-tuning`` is given.
+``fit``/``validate``/``test``/``predict`` run is set up; ``skinfusion predict``, ``evaluate`` and ``prepare``
+apply it unless ``--no-malloc-tuning`` is given.
 """
 
 from __future__ import annotations
