@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from skinfusion.nn.net import plain_config
 
-__all__ = ["CLS_LOSSES", "ClassificationLoss", "DiceBCELoss", "MultiTaskLoss"]
+__all__ = ["CLS_LOSSES", "ClassificationLoss", "DiceBCELoss", "MultiTaskLoss", "inverse_frequency", "log_priors"]
 
 CLS_LOSSES = ("ce", "focal")
 
@@ -89,6 +89,9 @@ class ClassificationLoss(nn.Module):
       ``sum_i loss_i / sum_i w[y_i]`` over labelled samples (PyTorch's weighted mean; ``w = 1`` without weights).
     * ``"focal"``: ``loss_i = -a[y_i] (1 - p_{i,y_i})^gamma log p_{i,y_i}`` (Lin et al., 2017) with ``a`` the class
       weights (1 without), averaged over labelled samples.
+    * ``logit_adjustment`` ``tau > 0``: the loss sees ``logits + tau * log(prior)`` (Menon et al., 2021), so that
+      the network's own logits, at inference, estimate the class-balanced posterior: the argmax then maximises
+      balanced accuracy instead of accuracy, without resampling or reweighting the data.
 
     Args:
         loss: ``"ce"`` or ``"focal"``.
@@ -96,6 +99,9 @@ class ClassificationLoss(nn.Module):
         label_smoothing: CE label smoothing ``e`` in [0, 1).
         focal_gamma: focusing parameter (>= 0; 0 gives a weighted CE averaged per sample).
         ignore_index: label value of unlabelled samples.
+        logit_adjustment: ``tau`` (>= 0; 1 is the Bayes-optimal value for balanced error).
+        class_priors: (K,) training class frequencies (any positive scale) for ``logit_adjustment``; kept as a
+            buffer of their logarithms. Classes with no training sample get half the smallest observed count.
 
     Shape:
         class_logits (B,K), label (B,) int64 -> scalar.
@@ -108,6 +114,8 @@ class ClassificationLoss(nn.Module):
         label_smoothing: float = 0.0,
         focal_gamma: float = 2.0,
         ignore_index: int = -1,
+        logit_adjustment: float = 0.0,
+        class_priors: Sequence[float] | Tensor | None = None,
     ) -> None:
         super().__init__()
         if loss not in CLS_LOSSES:
@@ -118,6 +126,8 @@ class ClassificationLoss(nn.Module):
             raise ValueError("label_smoothing is only supported with loss='ce'")
         if focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
+        if logit_adjustment < 0:
+            raise ValueError(f"logit_adjustment must be >= 0, got {logit_adjustment}")
         weights = None
         if class_weights is not None:
             weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
@@ -127,7 +137,9 @@ class ClassificationLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.focal_gamma = focal_gamma
         self.ignore_index = ignore_index
+        self.logit_adjustment = logit_adjustment
         self.register_buffer("class_weights", weights)
+        self.register_buffer("log_priors", None if class_priors is None else log_priors(class_priors))
 
     def forward(self, class_logits: Tensor, label: Tensor) -> Tensor:
         if class_logits.ndim != 2 or label.shape != class_logits.shape[:1]:
@@ -138,6 +150,10 @@ class ClassificationLoss(nn.Module):
         if self.class_weights is not None and self.class_weights.numel() != num_classes:
             raise ValueError(f"{self.class_weights.numel()} class_weights for {num_classes} classes")
         logits = class_logits.float()
+        if self.logit_adjustment:
+            if self.log_priors is None or self.log_priors.numel() != num_classes:
+                raise ValueError(f"logit_adjustment needs class_priors for {num_classes} classes")
+            logits = logits + self.logit_adjustment * self.log_priors
         valid = label != self.ignore_index
         target = torch.where(valid, label, torch.zeros_like(label))
         weight = self.class_weights
@@ -157,6 +173,25 @@ class ClassificationLoss(nn.Module):
         return per_sample.sum() / valid.sum().clamp_min(1)
 
 
+def inverse_frequency(counts: Sequence[int]) -> list[float]:
+    """Inverse class frequency, scaled to mean 1 over the present classes; 0 for a class with no sample."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if counts.sum() == 0:
+        return [1.0] * len(counts)
+    inverse = torch.where(counts > 0, 1.0 / counts.clamp_min(1), 0.0)
+    inverse *= (counts > 0).sum() / inverse.sum()
+    return inverse.tolist()
+
+
+def log_priors(class_priors: Sequence[float] | Tensor) -> Tensor:
+    """Log class frequencies (normalised); a class with no sample counts as half the smallest observed one."""
+    priors = torch.as_tensor(class_priors, dtype=torch.float64).flatten()
+    if priors.numel() == 0 or bool((priors < 0).any()) or not bool(torch.isfinite(priors).all()) or priors.sum() <= 0:
+        raise ValueError(f"class_priors must be finite, non-negative, not all zero, got {class_priors}")
+    priors = torch.where(priors > 0, priors, priors[priors > 0].min() / 2)
+    return (priors / priors.sum()).log().float()
+
+
 class MultiTaskLoss(nn.Module):
     """Segmentation + classification loss of a :class:`~skinfusion.nn.SkinFusionOutput` on a batch.
 
@@ -174,6 +209,9 @@ class MultiTaskLoss(nn.Module):
             training split, filled in by :class:`~skinfusion.SkinFusionModule` from the DataModule at setup.
         label_smoothing: CE label smoothing.
         focal_gamma: focal loss gamma.
+        logit_adjustment: logit-adjusted loss ``tau`` (see :class:`ClassificationLoss`); 0 turns it off.
+        class_priors: training class frequencies for ``logit_adjustment``; ``"auto"`` (the default): the training
+            split's class counts, filled in by the module at setup like ``class_weights="auto"``.
         dice_weight, bce_weight, smooth: see :class:`DiceBCELoss`.
 
     Returns (forward):
@@ -190,6 +228,8 @@ class MultiTaskLoss(nn.Module):
         class_weights: Sequence[float] | Tensor | Literal["auto"] | None = None,
         label_smoothing: float = 0.0,
         focal_gamma: float = 2.0,
+        logit_adjustment: float = 0.0,
+        class_priors: Sequence[float] | Literal["auto"] = "auto",
         dice_weight: float = 1.0,
         bce_weight: float = 1.0,
         smooth: float = 1.0,
@@ -202,6 +242,12 @@ class MultiTaskLoss(nn.Module):
             if class_weights != "auto":
                 raise ValueError(f"class_weights must be a list of floats, 'auto' or None, got {class_weights!r}")
             class_weights = None
+        if isinstance(class_priors, str) and class_priors != "auto":
+            raise ValueError(f"class_priors must be a list of floats or 'auto', got {class_priors!r}")
+        #: Whether the module must fill in class priors from the training split (``set_class_counts``).
+        self.auto_class_priors = bool(logit_adjustment) and isinstance(class_priors, str)
+        if isinstance(class_priors, str):
+            class_priors = None
         if seg_weight < 0 or cls_weight < 0:
             raise ValueError(f"seg_weight and cls_weight must be >= 0, got {seg_weight}, {cls_weight}")
         self.seg_weight = seg_weight
@@ -209,11 +255,26 @@ class MultiTaskLoss(nn.Module):
         self.uncertainty = uncertainty
         self.seg_loss = DiceBCELoss(dice_weight=dice_weight, bce_weight=bce_weight, smooth=smooth)
         self.cls_loss = ClassificationLoss(
-            cls_loss, class_weights=class_weights, label_smoothing=label_smoothing, focal_gamma=focal_gamma
+            cls_loss,
+            class_weights=class_weights,
+            label_smoothing=label_smoothing,
+            focal_gamma=focal_gamma,
+            logit_adjustment=logit_adjustment,
+            class_priors=class_priors if logit_adjustment else None,
         )
         self.log_vars = nn.ParameterDict(
             {"seg": nn.Parameter(torch.zeros(())), "cls": nn.Parameter(torch.zeros(()))} if uncertainty else {}
         )
+
+    def set_class_counts(self, counts: Sequence[int]) -> None:
+        """Resolve ``class_weights="auto"`` and ``class_priors="auto"`` from the training split's class counts."""
+        if self.auto_class_weights:
+            self.set_class_weights(inverse_frequency(counts))
+        if self.auto_class_priors:
+            device = next((b.device for b in self.buffers()), None)
+            self.cls_loss.log_priors = log_priors(counts).to(device)
+            self.config["class_priors"] = [float(c) for c in counts]
+            self.auto_class_priors = False
 
     def set_class_weights(self, class_weights: Sequence[float] | Tensor) -> None:
         """Set the classification class weights (used to resolve ``class_weights="auto"``)."""

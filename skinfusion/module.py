@@ -7,20 +7,23 @@ loss, the metrics, the optimiser and the logging.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.data.records import ISIC_CLASSES
 from skinfusion.losses import MultiTaskLoss
 from skinfusion.metrics.collections import classification_metrics, flatten_metrics, segmentation_metrics
 from skinfusion.nn import SkinFusionNet
 from skinfusion.nn.output import SkinFusionOutput
+from skinfusion.training.schedule import WarmupCosine
 
 log = logging.getLogger(__name__)
 
@@ -250,14 +253,21 @@ class SkinFusionModule(pl.LightningModule):
         return result
 
     def setup(self, stage: str) -> None:
-        if getattr(self.loss, "auto_class_weights", False):
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            weights = getattr(datamodule, "class_weights", None)
-            if weights is None:
-                raise ValueError("loss class_weights='auto' needs a DataModule with a class_weights property")
-            self.loss.set_class_weights(weights)
+        if self.loss.auto_class_weights or self.loss.auto_class_priors:
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            if not isinstance(datamodule, SkinFusionDataModule):
+                raise ValueError(
+                    "loss class_weights='auto' and logit_adjustment with class_priors='auto' read the training"
+                    " split's class counts from a SkinFusionDataModule; pass the values instead"
+                )
+            counts = datamodule.class_counts
+            self.loss.set_class_counts(counts)
             self.hparams["loss_config"] = dict(self.loss.config)
-            log.info("class weights from the training split: %s", [round(float(w), 3) for w in weights])
+            log.info(
+                "training class counts %s -> loss %s",
+                counts,
+                {k: v for k, v in self.loss.config.items() if k in ("class_weights", "class_priors")},
+            )
 
     # ------------------------------------------------------------------ encoder freezing
     def on_train_epoch_start(self) -> None:
@@ -295,14 +305,26 @@ class SkinFusionModule(pl.LightningModule):
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)
+        interval = self.hparams.scheduler_interval
+        if isinstance(scheduler, WarmupCosine) and self._trainer is not None:
+            scheduler.bind(self.trainer.estimated_stepping_batches, self._time_fraction())
+            interval = "step"  # it follows the run's progress, step by step
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": scheduler,
-                "interval": self.hparams.scheduler_interval,
-                "monitor": self.hparams.scheduler_monitor,
-            },
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": self.hparams.scheduler_monitor},
         }
+
+    def _time_fraction(self) -> Callable[[], float] | None:
+        """A clock of the fraction of ``trainer.max_time`` spent training, or ``None`` without ``max_time``."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining() is None:
+            return None
+
+        def fraction() -> float:
+            elapsed = timer.time_elapsed("train")
+            return elapsed / max(elapsed + timer.time_remaining("train"), 1e-9)
+
+        return fraction
 
     def _fp16_clipping(self) -> bool:
         """Whether the Trainer scales fp16 gradients (a GradScaler) and also clips them."""

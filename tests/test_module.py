@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 
+from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.errors import WeightsError
 from skinfusion.losses import MultiTaskLoss
 from skinfusion.module import NonFiniteLossError, SkinFusionModule
@@ -176,14 +178,43 @@ def test_nonfinite_loss_skip_leaves_weights_untouched(tmp_path):
         assert torch.equal(before[k], v), k
 
 
-def test_auto_class_weights_from_datamodule(tmp_path):
-    class Data(ListData):
-        class_weights = [0.5, 1.0, 2.0]
+class CountedData(SkinFusionDataModule):
+    """A SkinFusionDataModule whose training split has 6, 3 and 1 images of classes A, B, C."""
 
+    def __init__(self, batches):
+        super().__init__(class_names=["A", "B", "C"])
+        self.batches = batches
+
+    class_counts = [6, 3, 1]
+
+    def prepare_data(self):
+        pass
+
+    def setup(self, stage=None):
+        pass
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.batches, batch_size=None)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.batches, batch_size=None)
+
+
+def test_auto_class_weights_and_priors_from_datamodule(tmp_path):
+    loss = MultiTaskLoss(class_weights="auto", logit_adjustment=1.0)
+    module = SkinFusionModule(tiny_net(), loss=loss, class_names=["A", "B", "C"])
+    trainer(tmp_path, limit_val_batches=0, max_steps=1).fit(module, CountedData([batch()]))
+    # Inverse frequency 1/6, 1/3, 1 scaled to mean 1: times 3 / (1/6 + 1/3 + 1) = 2.
+    assert module.loss.cls_loss.class_weights.tolist() == pytest.approx([1 / 3, 2 / 3, 2.0])
+    assert module.hparams["loss_config"]["class_weights"] == pytest.approx([1 / 3, 2 / 3, 2.0])
+    assert module.loss.cls_loss.log_priors.tolist() == pytest.approx(np.log([0.6, 0.3, 0.1]).tolist(), abs=1e-6)
+    assert module.hparams["loss_config"]["class_priors"] == [6.0, 3.0, 1.0]
+
+
+def test_auto_class_weights_need_a_skinfusion_datamodule(tmp_path):
     module = SkinFusionModule(tiny_net(), loss=MultiTaskLoss(class_weights="auto"), class_names=["A", "B", "C"])
-    trainer(tmp_path, limit_val_batches=0, max_steps=1).fit(module, Data([batch()]))
-    assert module.loss.cls_loss.class_weights.tolist() == [0.5, 1.0, 2.0]
-    assert module.hparams["loss_config"]["class_weights"] == [0.5, 1.0, 2.0]
+    with pytest.raises(ValueError, match="SkinFusionDataModule"):
+        trainer(tmp_path, limit_val_batches=0, max_steps=1).fit(module, ListData([batch()]))
 
 
 def test_from_checkpoint_rebuilds_the_same_model(tmp_path):

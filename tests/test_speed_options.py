@@ -134,20 +134,39 @@ def test_channels_last_gives_the_same_outputs_and_state_dict_keys():
     torch.testing.assert_close(b.class_logits, a.class_logits, atol=1e-4, rtol=1e-4)
 
 
+def _loss_and_gradients(module: SkinFusionModule, batch: dict, dtype: torch.dtype = torch.float32):
+    module.to(dtype).train()
+    torch.manual_seed(1)  # same dropout mask
+    cast = {**batch, "image": batch["image"].to(dtype), "mask": batch["mask"].to(dtype)}
+    loss = module.loss(module(cast["image"]), cast)["loss"]
+    loss.backward()
+    return loss.detach().double(), [p.grad.double() for p in module.parameters()]
+
+
 def test_channels_last_gives_the_same_loss_and_gradients():
-    plain, fast = _module(), _module(channels_last=True)
-    fast.configure_model()
+    """channels_last computes the same function: as close to the exact gradients as the default layout.
+
+    Both layouts are float32 sums in different orders, so they differ by rounding, and how much depends on
+    the CPU's kernels (on AVX2-only CPUs oneDNN's NCHW backward is ~10x less accurate than on AVX-512). So
+    each is compared with a float64 run of the same network, batch and dropout mask, and channels_last must
+    be no further from it than the default layout (times 4), or within 1e-5 of the gradient's norm.
+    """
     batch = _batch()
-    losses = []
-    for module in (plain, fast):
-        module.train()
-        torch.manual_seed(1)  # same dropout mask
-        loss = module.loss(module(batch["image"]), batch)["loss"]
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(plain.parameters(), fast.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3)
+    exact_loss, exact = _loss_and_gradients(_module(), batch, torch.float64)
+    plain_loss, plain = _loss_and_gradients(_module(), batch)
+    fast = _module(channels_last=True)
+    fast.configure_model()
+    fast_loss, fast_grads = _loss_and_gradients(fast, batch)
+    assert abs(fast_loss - exact_loss) <= max(4 * abs(plain_loss - exact_loss), 1e-6 * abs(exact_loss))
+    names = [name for name, _ in _module().named_parameters()]
+    for name, a, b, ref in zip(names, plain, fast_grads, exact, strict=True):
+        scale = ref.norm()
+        assert scale > 0, name  # every parameter gets a gradient, so the comparison is not vacuous
+        plain_error, fast_error = (a - ref).norm(), (b - ref).norm()
+        assert fast_error <= max(4 * plain_error, 1e-5 * scale), (
+            f"{name}: channels_last gradient error {fast_error / scale:.2e} of its norm, default layout"
+            f" {plain_error / scale:.2e}"
+        )
 
 
 def test_compile_must_be_bool_or_dict():

@@ -218,12 +218,9 @@ class SkinFusionDataModule(pl.LightningDataModule):
 
         A class with no training image gets weight 0 (it never occurs as a target).
         """
-        counts = np.asarray(self.class_counts, dtype=np.float64)
-        if counts.sum() == 0:
-            return [1.0] * self.num_classes
-        inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
-        inverse *= (counts > 0).sum() / inverse.sum()
-        return [float(w) for w in inverse]
+        from skinfusion.losses import inverse_frequency
+
+        return inverse_frequency(self.class_counts)
 
     # ------------------------------------------------------------------ records
 

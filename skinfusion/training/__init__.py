@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its losses, the learning-rate schedule, checkpointing and callbacks."""
