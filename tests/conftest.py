@@ -40,3 +40,31 @@ def shared_data() -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+def pool_counts(root: Path) -> dict:
+    """Counts of the ISIC 2018 pool at ``root``, read from its files directly (not through skinfusion's readers).
+
+    The shared copy changes over time (DF and more VASC arrived on 2026-11-30), so the real-data tests compare
+    the readers with these counts rather than with numbers written into the tests.
+    """
+    import csv
+
+    task1 = sorted((root / "ISIC2018_Task1-2_Training_Input").glob("ISIC_*.jpg"))
+    task3_images = sorted((root / "ISIC2018_Task3_Training_Input").glob("ISIC_*.jpg"))
+    with open(root / "ISIC2018_Task3_Training_GroundTruth.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [c for c in rows[0] if c != "image"]
+    per_class = {c: sum(float(r[c]) == 1.0 for r in rows) for c in classes}
+    with open(root / "ISIC2018_Task1_Training_Diagnosis.csv", newline="") as f:
+        diagnosed = {r["image"] for r in csv.DictReader(f)}
+    task1_ids = {p.stem for p in task1}
+    masks3 = root / "HAM10000_segmentations_lesion_tschandl"
+    return {
+        "task1": len(task1),
+        "task1_diagnosed": len(diagnosed & task1_ids),
+        "task3": len(rows),
+        "task3_images": len(task3_images),
+        "task3_masks": sum((masks3 / f"{r['image']}_segmentation.png").is_file() for r in rows),
+        "task3_per_class": per_class,
+    }

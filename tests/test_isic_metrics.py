@@ -668,9 +668,9 @@ def test_real_task3_truth_csv_equal_official(shared_data, tmp_path):
     pred.insert(0, "image", truth["image"] + ".jpg")  # the official reader drops ".jpg"
     pred.to_csv(tmp_path / "pred.csv", index=False)
     ours = score_classification_csvs(tmp_path / "pred.csv", truth_csv)
-    # this copy of the training set has no DF image; the official scorer cannot score an absent
-    # class, so compare on the present classes only (an absent class is left out of the
-    # balanced accuracy either way)
+    # The official scorer cannot score a class absent from the truth (before 2026-11-30 this copy had
+    # no DF image), so compare on the present classes only; an absent class is left out of the
+    # balanced accuracy either way.
     present = [name for name in names if onehot[:, names.index(name)].any()]
     for name in set(names) - set(present):
         assert math.isnan(ours[f"auc/{name}"])

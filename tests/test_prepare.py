@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import pool_counts
 from imgutil import disk, make_task1, make_task3, rgb, save
 from PIL import Image
 
@@ -227,8 +228,11 @@ def test_real_sample_manifest(tmp_path, shared_data):
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_real_full_pool(tmp_path, shared_data):
-    """The whole ISIC 2018 pool (11,245 images): no rejects, no lesion leakage, a re-run decodes nothing."""
+    """The whole ISIC 2018 pool: no rejects, every class in the training split, no lesion leakage, a re-run
+    decodes nothing."""
     root = shared_data / "isic2018"
+    counts = pool_counts(root)
+    total = counts["task1"] + counts["task3"]
     sources = [
         f"isic_task1:{root}",
         f"diagnosis_csv:{root / 'ISIC2018_Task1_Training_Diagnosis.csv'}",
@@ -236,9 +240,15 @@ def test_real_full_pool(tmp_path, shared_data):
     ]
     out = tmp_path / "cache"
     report = prepare(sources, out, workers=2, progress=False)
-    assert (report.records, report.accepted, report.rejected) == (11245, 11245, [])
-    assert report.per_source == {"isic_task1": 43, "isic_task1+diagnosis_csv": 2231, "isic_task3": 8971}
+    assert (report.records, report.accepted, report.rejected) == (total, total, [])
+    assert report.per_source == {
+        "isic_task1": counts["task1"] - counts["task1_diagnosed"],
+        "isic_task1+diagnosis_csv": counts["task1_diagnosed"],
+        "isic_task3": counts["task3"],
+    }
     rows = list(_rows(out).values())
+    train_labels = {r["label"] for r in rows if r["split"] == "train" and r["label"]}
+    assert train_labels == set(counts["task3_per_class"])  # all 7 classes, the rarest (DF) included
     splits_of: dict[str, set[str]] = {}
     for r in rows:
         if r["lesion_id"]:
@@ -246,7 +256,7 @@ def test_real_full_pool(tmp_path, shared_data):
     assert len(splits_of) > 6000
     assert all(len(s) == 1 for s in splits_of.values())
     again = prepare(sources, out, workers=2, progress=False)
-    assert (again.decoded, again.reused) == (0, 11245)
+    assert (again.decoded, again.reused) == (0, total)
 
 
 def test_process_pool_gives_the_same_cache_as_in_process(tree, tmp_path, monkeypatch):

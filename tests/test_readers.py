@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import pool_counts
 from imgutil import disk, make_task1, make_task3, rgb, save
 
 from skinfusion.data.readers import (
@@ -162,19 +164,22 @@ def test_manifest(tmp_path):
 
 def test_real_isic2018(shared_data):
     root = shared_data / "isic2018"
+    counts = pool_counts(root)
+    assert counts["task3"] == counts["task3_images"] > 0  # the CSV and the folder agree
     task1 = create_reader("isic_task1", root).read()
-    assert len(task1) == 2274
+    assert len(task1) == counts["task1"]
     assert all(r.mask is not None and r.mask.is_file() for r in task1)
     task3 = create_reader("isic_task3", root).read()
-    assert len(task3) == 8971
+    assert len(task3) == counts["task3"]
     assert all(r.label is not None and r.lesion_id for r in task3)
-    assert sum(r.mask is not None for r in task3) == 8971
+    assert Counter(r.label for r in task3) == counts["task3_per_class"]
+    assert all(n > 0 for n in counts["task3_per_class"].values())  # all 7 classes, DF included since 2026-11-30
+    assert sum(r.mask is not None for r in task3) == counts["task3_masks"]
     labels = DiagnosisCSVReader(root / "ISIC2018_Task1_Training_Diagnosis.csv").read_labels()
-    assert len(labels) == 2231
     labelled, used = apply_labels(task1, labels)
-    assert used == 2231
+    assert used == len(labels) == counts["task1_diagnosed"]
     merged = combine(labelled, task3)
-    assert len(merged) == 2274 + 8971
+    assert len(merged) == counts["task1"] + counts["task3"]
 
 
 def test_real_manifest(shared_data):
