@@ -32,11 +32,12 @@ _COMMANDS = {
     "predict-images": ("skinfusion.predict", "predict_main"),
     "evaluate": ("skinfusion.report", "evaluate_main"),
     "export": ("skinfusion.export", "export_main"),
+    "study": ("skinfusion.evaluation.study", "study_main"),
 }
 #: With one of these, `skinfusion predict` is LightningCLI's predict subcommand.
 _LIGHTNING_FLAGS = ("--config", "-c", "--print_config", "--ckpt_path", "--trainer", "--model", "--data")
 
-_TOP_HELP = """usage: skinfusion [-h] {fit,validate,test,predict,evaluate,prepare,export} ...
+_TOP_HELP = """usage: skinfusion [-h] {fit,validate,test,predict,evaluate,prepare,export,study} ...
 
 Joint lesion segmentation and diagnosis for dermoscopic images.
 
@@ -50,6 +51,8 @@ commands:
              resolution, per-class table, confusion matrix, ROC curves, worst segmentations
   prepare    validate data sources, write a resized cache and a split manifest
   export     export a trained checkpoint to ONNX, TorchScript or safetensors
+  study      train variants x seeds under one budget, score them on a held-out split, and compare
+             them with paired bootstrap intervals (the paper's ablation; resumable)
 
 `skinfusion COMMAND --help` describes each command.
 """

@@ -1,0 +1,1 @@
+"""Evaluation: ISIC metrics, reports, calibration and studies that compare variants."""
