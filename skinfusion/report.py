@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "evaluate_main", "score_predictions"]
 
+_ARGMAX_COLUMNS = ("recall", "precision", "f1", "accuracy")
 _PER_CLASS_COLUMNS = (
     ("sensitivity", "sensitivity"),
     ("specificity", "specificity"),
@@ -200,6 +201,21 @@ def _per_class_markdown(metrics: dict[str, Any], classification: dict[str, Any] 
             f"Balanced multi-class accuracy (ISIC 2018 Task 3 ranking metric): "
             f"**{_fmt(metrics['task3/balanced_accuracy'])}**",
             "",
+            "### Argmax predictions (the confusion matrix; the mean recall is the balanced accuracy)",
+            "",
+            "| class | support | recall | precision | F1 | accuracy (one-vs-rest) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {name} | {int(support[index])} | "
+                + " | ".join(_fmt(metrics.get(f"task3/argmax/{key}/{name}")) for key in _ARGMAX_COLUMNS)
+                + " |"
+                for index, name in enumerate(names)
+            ),
+            "",
+            "Each image counts for its most probable class; n/a: the class is absent from the truth.",
+            "",
+            "### Thresholded one-vs-rest (the official scorer's per-class metrics)",
+            "",
             "| class | support | " + " | ".join(title for _, title in _PER_CLASS_COLUMNS) + " |",
             "| --- | ---: | " + " | ".join("---:" for _ in _PER_CLASS_COLUMNS) + " |",
         ]
@@ -210,7 +226,8 @@ def _per_class_markdown(metrics: dict[str, Any], classification: dict[str, Any] 
         lines += [
             f"| macro | {int(support.sum())} | " + " | ".join(cells) + " |",
             "",
-            "One-vs-rest, a probability > 0.5 counting as positive (the official scorer's rule); "
+            "One-vs-rest, a probability > 0.5 counting as positive (the official scorer's rule), so a class "
+            "can be the argmax without being positive here: these sensitivities are not the argmax recall above. "
             "n/a: the class is absent from the truth.",
             "",
         ]
@@ -343,6 +360,12 @@ def evaluate(
     masks_dir, csv_path = _prediction_files(predictions)
     metrics, rows, classification = score_predictions(records, masks_dir, csv_path)
 
+    if classification is not None:
+        from skinfusion.evaluation.study import per_class_table
+
+        table = per_class_table(classification["truth"], classification["probabilities"], classification["class_names"])
+        for name, row in table.items():
+            metrics.update({f"task3/argmax/{key}/{name}": row[key] for key in _ARGMAX_COLUMNS})
     report = {k: _json_value(v) for k, v in metrics.items()}
     if classification is not None:
         matrix = confusion_matrix(classification["truth"], classification["probabilities"])

@@ -75,11 +75,23 @@ def test_hand_computed_report(tmp_path, hand_case):
         "class_names": ["MEL", "NV", "BCC"],
         "counts": [[1, 0, 0], [1, 1, 0], [0, 0, 0]],
     }
+    # Argmax per class (the confusion matrix): MEL 1 of 1, NV 1 of 2; their mean is the balanced accuracy.
+    assert report["task3/argmax/recall/MEL"] == pytest.approx(1.0)
+    assert report["task3/argmax/recall/NV"] == pytest.approx(0.5)
+    assert report["task3/argmax/recall/BCC"] is None
+    assert report["task3/argmax/precision/MEL"] == pytest.approx(0.5)  # predicted twice, right once
+    assert report["task3/argmax/precision/NV"] == pytest.approx(1.0)
+    assert (report["task3/argmax/recall/MEL"] + report["task3/argmax/recall/NV"]) / 2 == pytest.approx(
+        report["task3/balanced_accuracy"]
+    )
     assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == report
 
     table = (tmp_path / "report" / "per_class.md").read_text()
     for name, support in (("MEL", 1), ("NV", 2), ("BCC", 0)):
-        assert f"| {name} | {support} |" in table
+        assert table.count(f"| {name} | {support} |") == 2  # the argmax table and the thresholded one
+    assert "### Argmax predictions" in table
+    assert "### Thresholded one-vs-rest" in table
+    assert "| MEL | 1 | 1.000 | 0.500 |" in table
 
     gallery = sorted((tmp_path / "report" / "worst_segmentations").iterdir())
     assert [p.name for p in gallery] == ["01_ISIC_0000001.png", "02_ISIC_0000000.png"]  # lowest Jaccard first
