@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--skip-bad", action="store_true", help="reject bad files into the report instead of failing")
     p.add_argument("--classes", type=lambda s: s.split(","), default=list(ISIC_CLASSES), help="allowed class names")
-    p.add_argument("--label-map", type=_label_map, default=None, help="FROM=TO,... e.g. MEL=SCC,BCC=SCC")
+    p.add_argument("--label-map", type=_label_map, default=None, help="FROM=TO,... rename labels, e.g. AKIEC=SCC")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject images above this many pixels")
     p.add_argument("--no-reduce", action="store_true", help="disable reduced-resolution JPEG decoding")
     p.add_argument("--resplit", action="store_true", help="ignore a manifest's split column")
