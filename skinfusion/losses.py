@@ -173,12 +173,12 @@ class ClassificationLoss(nn.Module):
         return per_sample.sum() / valid.sum().clamp_min(1)
 
 
-def inverse_frequency(counts: Sequence[int]) -> list[float]:
-    """Inverse class frequency, scaled to mean 1 over the present classes; 0 for a class with no sample."""
+def inverse_frequency(counts: Sequence[float]) -> list[float]:
+    """Inverse class frequency (of counts or frequencies), scaled to mean 1 over the present classes; 0 if absent."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
     if counts.sum() == 0:
         return [1.0] * len(counts)
-    inverse = torch.where(counts > 0, 1.0 / counts.clamp_min(1), 0.0)
+    inverse = torch.where(counts > 0, 1.0 / torch.where(counts > 0, counts, 1.0), 0.0)
     inverse *= (counts > 0).sum() / inverse.sum()
     return inverse.tolist()
 
@@ -266,8 +266,8 @@ class MultiTaskLoss(nn.Module):
             {"seg": nn.Parameter(torch.zeros(())), "cls": nn.Parameter(torch.zeros(()))} if uncertainty else {}
         )
 
-    def set_class_counts(self, counts: Sequence[int]) -> None:
-        """Resolve ``class_weights="auto"`` and ``class_priors="auto"`` from the training split's class counts."""
+    def set_class_counts(self, counts: Sequence[float]) -> None:
+        """Resolve ``class_weights="auto"`` and ``class_priors="auto"`` from the training labels' class counts."""
         if self.auto_class_weights:
             self.set_class_weights(inverse_frequency(counts))
         if self.auto_class_priors:

@@ -260,7 +260,8 @@ class SkinFusionModule(pl.LightningModule):
                     "loss class_weights='auto' and logit_adjustment with class_priors='auto' read the training"
                     " split's class counts from a SkinFusionDataModule; pass the values instead"
                 )
-            counts = datamodule.class_counts
+            # What the loss sees: the training labels as the sampler draws them (balanced sampling included).
+            counts = datamodule.class_frequencies
             self.loss.set_class_counts(counts)
             self.hparams["loss_config"] = dict(self.loss.config)
             log.info(

@@ -266,7 +266,7 @@ def test_balanced_sampler_balances_classes(tmp_path):
         rows.append({"image": image, "label": label, "split": "train"})
     manifest = _write_manifest(tmp_path, rows, columns=[*COLUMNS, "split"])
     counts = {}
-    for balanced in (False, True):
+    for balanced in (False, True, 0.5):
         dm = SkinFusionDataModule(
             str(manifest), image_size=8, batch_size=16, num_workers=0, balanced_sampling=balanced, augment=False
         )
@@ -281,6 +281,27 @@ def test_balanced_sampler_balances_classes(tmp_path):
     for c in range(3):  # each of the 3 classes ~1/3 of the draws
         assert abs(counts[True][c] / total - 1 / 3) < 0.08
     assert counts[False][0] / total == pytest.approx(48 / 64)  # plain shuffling: each image once
+    # Square-root sampling: shares proportional to 48 * 48^-0.5 : 12 * 12^-0.5 : 4 * 4^-0.5 = 6.93 : 3.46 : 2.
+    roots = np.sqrt([48, 12, 4])
+    for c in range(3):
+        assert abs(counts[0.5][c] / total - roots[c] / roots.sum()) < 0.08
+
+
+class _Counted(SkinFusionDataModule):
+    class_counts = [36, 9, 1, 0]
+
+
+def test_class_frequencies_and_weights_follow_the_sampling():
+    dm = _Counted(class_names=["A", "B", "C", "D"])
+    assert dm.class_frequencies == pytest.approx([36 / 46, 9 / 46, 1 / 46, 0.0])
+    assert dm.class_weights == pytest.approx(np.array([1 / 36, 1 / 9, 1, 0]) * 3 / (1 / 36 + 1 / 9 + 1))
+    dm.balanced_sampling = 0.5  # draws 6 : 3 : 1
+    assert dm.class_frequencies == pytest.approx([0.6, 0.3, 0.1, 0.0])
+    dm.balanced_sampling = 1.0
+    assert dm.class_frequencies == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
+    assert dm.class_weights == pytest.approx([1.0, 1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="balanced_sampling"):
+        SkinFusionDataModule(balanced_sampling=2.0)
 
 
 # ---------------------------------------------------------------- synthetic default

@@ -208,7 +208,18 @@ def test_auto_class_weights_and_priors_from_datamodule(tmp_path):
     assert module.loss.cls_loss.class_weights.tolist() == pytest.approx([1 / 3, 2 / 3, 2.0])
     assert module.hparams["loss_config"]["class_weights"] == pytest.approx([1 / 3, 2 / 3, 2.0])
     assert module.loss.cls_loss.log_priors.tolist() == pytest.approx(np.log([0.6, 0.3, 0.1]).tolist(), abs=1e-6)
-    assert module.hparams["loss_config"]["class_priors"] == [6.0, 3.0, 1.0]
+    assert module.hparams["loss_config"]["class_priors"] == pytest.approx([0.6, 0.3, 0.1])
+
+
+def test_auto_weights_and_priors_follow_balanced_sampling(tmp_path):
+    """Sampling that balances the classes already leaves nothing for the weights or priors to correct."""
+    data = CountedData([batch()])
+    data.balanced_sampling = 1.0
+    loss = MultiTaskLoss(class_weights="auto", logit_adjustment=1.0)
+    module = SkinFusionModule(tiny_net(), loss=loss, class_names=["A", "B", "C"])
+    trainer(tmp_path, limit_val_batches=0, max_steps=1).fit(module, data)
+    assert module.loss.cls_loss.class_weights.tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert module.loss.cls_loss.log_priors.tolist() == pytest.approx([np.log(1 / 3)] * 3, abs=1e-6)
 
 
 def test_auto_class_weights_need_a_skinfusion_datamodule(tmp_path):

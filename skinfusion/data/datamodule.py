@@ -95,8 +95,11 @@ class SkinFusionDataModule(pl.LightningDataModule):
         label_map: rename labels before they are checked against ``class_names`` (e.g. merge
             ``{"MEL": "SCC", "BCC": "SCC"}``); map a label to ``""`` to drop it (the image stays,
             unlabelled). Labels not in the map are kept.
-        balanced_sampling: draw training samples with probability inversely proportional to their
-            class frequency (unlabelled samples get the mean weight).
+        balanced_sampling: draw training samples with probability proportional to ``count(class)^-power``
+            (unlabelled samples get the mean weight): ``True`` (power 1) draws every class equally often, a float
+            in (0, 1) (``0.5``: square-root sampling) part-way, ``False``/0 keeps the data's frequencies. The
+            loss's ``class_weights="auto"`` and ``class_priors="auto"`` correct the imbalance that remains
+            (:attr:`class_frequencies`), so that sampling and weighting never correct it twice.
         use_metadata: add encoded clinical metadata (``meta``) to batches.
         fractions: train/val/test fractions for rows without a split.
         seed: seed of the split, shuffling, sampling and augmentation.
@@ -131,7 +134,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         color_jitter: float = 0.0,
         class_names: list[str] | None = None,
         label_map: dict[str, str] | None = None,
-        balanced_sampling: bool = False,
+        balanced_sampling: bool | float = False,
         use_metadata: bool = False,
         fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         seed: int = 0,
@@ -156,6 +159,8 @@ class SkinFusionDataModule(pl.LightningDataModule):
         names = list(ISIC_CLASSES if class_names is None else class_names)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"class_names must be a non-empty list of distinct names, got {class_names}")
+        if not 0.0 <= float(balanced_sampling) <= 1.0:
+            raise ValueError(f"balanced_sampling must be a bool or a power in [0, 1], got {balanced_sampling}")
         fractions = tuple(float(f) for f in fractions)
         if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
             raise ValueError(f"fractions must be three non-negative numbers (train, val, test), got {fractions}")
@@ -176,7 +181,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         self.color_jitter = color_jitter
         self._class_names = tuple(names)
         self.label_map = dict(label_map) if label_map else None
-        self.balanced_sampling = balanced_sampling
+        self.balanced_sampling = float(balanced_sampling)
         self.use_metadata = use_metadata
         self.fractions = tuple(f / sum(fractions) for f in fractions)
         self.seed = seed
@@ -213,14 +218,22 @@ class SkinFusionDataModule(pl.LightningDataModule):
         return [counts.get(name, 0) for name in self._class_names]
 
     @property
-    def class_weights(self) -> list[float]:
-        """Inverse class frequency over the training labels, scaled to mean 1 over the present classes.
+    def class_frequencies(self) -> list[float]:
+        """Expected share of each class among the labelled training draws (after ``balanced_sampling``)."""
+        counts = np.asarray(self.class_counts, dtype=np.float64)
+        drawn = counts * np.where(counts > 0, np.maximum(counts, 1) ** -self.balanced_sampling, 0.0)
+        return (drawn / drawn.sum()).tolist() if drawn.sum() > 0 else [1.0 / len(counts)] * len(counts)
 
-        A class with no training image gets weight 0 (it never occurs as a target).
+    @property
+    def class_weights(self) -> list[float]:
+        """Inverse :attr:`class_frequencies` (the training labels as drawn), scaled to mean 1 over present classes.
+
+        A class with no training image gets weight 0 (it never occurs as a target); with ``balanced_sampling``
+        true every present class gets 1 (the sampler has balanced them already).
         """
         from skinfusion.losses import inverse_frequency
 
-        return inverse_frequency(self.class_counts)
+        return inverse_frequency(self.class_frequencies)
 
     # ------------------------------------------------------------------ records
 
@@ -438,7 +451,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         )
 
     def sample_weights(self) -> torch.Tensor:
-        """Per-sample weights of the balanced sampler: 1 / (training count of the sample's class).
+        """Per-sample weights of the balanced sampler: (training count of the sample's class) ^ -power.
 
         Unlabelled samples get the mean weight of the labelled ones (1 if there are none).
         """
@@ -449,7 +462,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         weights = torch.ones(len(labels), dtype=torch.float64)
         if labelled.any():
             counts = torch.bincount(labels[labelled], minlength=self.num_classes).double()
-            weights[labelled] = 1.0 / counts[labels[labelled]]
+            weights[labelled] = counts[labels[labelled]] ** -self.balanced_sampling
             weights[~labelled] = weights[labelled].mean()
         return weights
 
