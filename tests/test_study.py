@@ -160,7 +160,7 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
         "--out",
         str(tmp_path / "study"),
     ]
-    main(args)
+    main([*args, "--jobs", "2"])  # two runs at once, one thread each
     out = tmp_path / "study"
     for name in ("study.md", "study.csv", "study.json", "study.png", "spec.json"):
         assert (out / name).is_file(), name
