@@ -1,0 +1,145 @@
+"""Explanations of a diagnosis: the network's own attention maps, or Grad-CAM / Grad-CAM++ of a class.
+
+Grad-CAM weighs the final encoder features by the gradient of a class logit (Selvaraju et al., ICCV 2017;
+Grad-CAM++: Chattopadhay et al., WACV 2018); the computation is ``pytorch-grad-cam``'s (jacobgil), run on the
+deepest encoder stage, whose features feed both the classifier and, through the decoder and the fusion, the
+lesion estimate the classifier may pool over. Attention maps are the spatial maps the network returns with
+every forward (the paper's interpretability argument); ``attention`` picks the classifier's map when there is
+one, else the deepest skip map.
+
+:func:`lesion_focus` measures whether a map looks at the lesion: the share of its mass inside the true mask
+and whether its maximum lies inside (the pointing game, Zhang et al., ECCV 2016), against a uniform map, whose
+mass inside equals the share of the image the lesion covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EXPLAIN_METHODS", "ClassLogits", "explain", "gradcam_layer", "lesion_focus", "pick_attention"]
+
+#: What ``predict --explain`` and :func:`explain` accept.
+EXPLAIN_METHODS = ("attention", "gradcam", "gradcam++")
+
+
+class ClassLogits(nn.Module):
+    """A network that returns only its class logits (what ``pytorch-grad-cam`` differentiates)."""
+
+    def __init__(self, net: nn.Module, meta: Tensor | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.meta = meta
+
+    def forward(self, image: Tensor) -> Tensor:
+        class_logits = self.net(image, self.meta).class_logits
+        if class_logits is None:
+            raise ValueError("Grad-CAM explains a class: this network has no classifier")
+        return class_logits
+
+
+def gradcam_layer(net: nn.Module) -> nn.Module:
+    """The deepest encoder stage of a :class:`~skinfusion.nn.SkinFusionNet` (timm's last ``feature_info`` module)."""
+    model = net.encoder.model
+    return model.get_submodule(model.feature_info.module_name(-1))
+
+
+def pick_attention(attention: Mapping[str, np.ndarray | Tensor], name: str | None = None):
+    """The attention map to show: ``name``, else the classifier's, else the deepest skip or encoder map."""
+    if not attention:
+        return None
+    if name is not None:
+        if name not in attention:
+            raise ValueError(f"no attention map {name!r}; this network returns {sorted(attention)}")
+        return attention[name]
+    if "classifier" in attention:
+        return attention["classifier"]
+    return attention[sorted(attention, key=lambda key: (key.split(".")[0] != "skip", _level(key)))[-1]]
+
+
+def _level(key: str) -> int:
+    tail = key.rsplit(".", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def explain(
+    net: nn.Module,
+    image: Tensor,
+    method: str = "gradcam",
+    classes: Sequence[int] | None = None,
+    meta: Tensor | None = None,
+) -> np.ndarray:
+    """Heat maps in [0, 1] at the input's resolution, one per image.
+
+    Args:
+        net: a :class:`~skinfusion.nn.SkinFusionNet` (any network with its ``encoder.model`` and output).
+        image: (B,3,H,W) normalised input, on the network's device.
+        method: ``attention``, ``gradcam`` or ``gradcam++``.
+        classes: the class explained per image (Grad-CAM); default the top class of each.
+        meta: the encoded metadata, for a network with a metadata branch.
+
+    Returns:
+        (B,H,W) float32 maps, each scaled to [0, 1] (an all-zero map where the method finds no evidence).
+
+    Raises:
+        ValueError: an unknown method, or ``attention`` for a network that returns no attention map.
+    """
+    if method not in EXPLAIN_METHODS:
+        raise ValueError(f"unknown explanation {method!r}; choose one of {list(EXPLAIN_METHODS)}")
+    height, width = image.shape[-2:]
+    if method == "attention":
+        with torch.no_grad():
+            maps = pick_attention(net(image, meta).attention)
+        if maps is None:
+            raise ValueError("this network returns no attention map (attention is off): use gradcam")
+        maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        low = maps.flatten(1).min(1).values[:, None, None]
+        high = maps.flatten(1).max(1).values[:, None, None]
+        return ((maps - low) / (high - low).clamp_min(1e-12)).cpu().numpy().astype(np.float32)
+
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = ClassLogits(net, meta)
+    if classes is None:
+        with torch.no_grad():
+            classes = model(image).argmax(1).tolist()
+    cam_class = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    was_training = net.training
+    net.eval()
+    try:
+        with cam_class(model=model, target_layers=[gradcam_layer(net)]) as cam:
+            maps = cam(input_tensor=image, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    finally:
+        net.train(was_training)
+    return np.asarray(maps, dtype=np.float32)
+
+
+def lesion_focus(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """How much a heat map looks at the lesion.
+
+    Args:
+        heat: (H,W) non-negative map (any scale).
+        mask: (H,W) boolean true lesion mask, same size.
+
+    Returns:
+        ``mass_inside`` (share of the map's mass inside the lesion; the uniform map's share when the map is
+        all zero), ``pointing_hit`` (1 if the map's maximum is inside the lesion, else 0) and ``lesion_share``
+        (the share of the image the lesion covers: the ``mass_inside`` of a uniform map).
+    """
+    heat = np.asarray(heat, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if heat.shape != mask.shape:
+        raise ValueError(f"heat map {heat.shape} and mask {mask.shape} differ in size")
+    heat = np.clip(heat, 0.0, None)
+    lesion_share = float(mask.mean())
+    total = heat.sum()
+    return {
+        "mass_inside": float(heat[mask].sum() / total) if total > 0 else lesion_share,
+        "pointing_hit": float(mask.flat[int(np.argmax(heat))]) if total > 0 else lesion_share,
+        "lesion_share": lesion_share,
+    }
