@@ -32,10 +32,17 @@ def small_manifest(tmp_path) -> Path:
     return tmp_path / "synthetic" / "manifest.csv"
 
 
+PAPER = REPO / "experiments" / "paper"
+SWITCHES = ("baseline", "attention", "fusion", "full")
+
+
 def _configs_for(path: Path) -> list[str]:
+    """The configs a README command puts before and with ``path``."""
     configs = ["--config", str(BASE)]
-    if path.name == "cpu.yaml" and path.parent.name == "paper":
-        configs += ["--config", str(path.parent / "full.yaml")]
+    if path.parent == PAPER and path.name != "paper.yaml":
+        configs += ["--config", str(PAPER / "paper.yaml")]
+        if path.stem not in SWITCHES:  # cpu.yaml, three_class.yaml: added after a switch file
+            configs += ["--config", str(PAPER / "full.yaml")]
     if path != BASE:
         configs += ["--config", str(path)]
     return configs
@@ -51,6 +58,8 @@ def test_every_experiment_is_tested():
         "paper/fusion.yaml",
         "paper/full.yaml",
         "paper/cpu.yaml",
+        "paper/paper.yaml",
+        "paper/three_class.yaml",
     } <= names
 
 
@@ -61,7 +70,7 @@ def test_experiment_fast_dev_run(config, small_manifest, capsys):
     assert "Final validation metrics" in out
 
 
-def test_paper_configs_differ_only_in_switches():
+def test_paper_configs_are_a_common_file_plus_switches():
     import yaml
 
     def flat(d, prefix=""):
@@ -73,25 +82,22 @@ def test_paper_configs_differ_only_in_switches():
                 out[f"{prefix}{k}"] = v
         return out
 
-    paper = REPO / "experiments" / "paper"
-    configs = {
-        name: flat(yaml.safe_load((paper / f"{name}.yaml").read_text()))
-        for name in ("baseline", "attention", "fusion", "full")
-    }
     switches = {
         "model.net.init_args.attention",
         "model.net.init_args.attention_placement",
         "model.net.init_args.decoder",
         "model.net.init_args.fusion",
     }
-    keys = set().union(*configs.values())
-    for key in keys - switches:
-        values = {repr(c.get(key)) for c in configs.values()}
-        assert len(values) == 1, f"{key} differs between paper configs: {values}"
+    configs = {name: flat(yaml.safe_load((PAPER / f"{name}.yaml").read_text())) for name in SWITCHES}
+    for name, config in configs.items():
+        assert set(config) == switches, f"{name}.yaml holds more than the switches: {set(config) - switches}"
+    assert not switches & set(flat(yaml.safe_load((PAPER / "paper.yaml").read_text())))
     assert configs["baseline"]["model.net.init_args.decoder"] is False
     assert configs["baseline"]["model.net.init_args.attention"] is None
     assert configs["attention"]["model.net.init_args.attention"] == "spatial"
+    assert configs["attention"]["model.net.init_args.decoder"] is False
     assert configs["fusion"]["model.net.init_args.decoder"] is True
+    assert configs["fusion"]["model.net.init_args.attention"] is None
     assert configs["full"]["model.net.init_args.attention"] == "spatial"
     assert configs["full"]["model.net.init_args.decoder"] is True
 
