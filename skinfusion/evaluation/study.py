@@ -470,7 +470,8 @@ def run_study(
             "variant": variant.name,
             "seed": seed,
             "checkpoint": str(checkpoint.relative_to(out)),
-            "steps": _steps_of(checkpoint),
+            "checkpoint_step": _steps_of(checkpoint),
+            "steps": _steps_of(sorted(run_dir.rglob("last.ckpt"))[-1]) if any(run_dir.rglob("last.ckpt")) else None,
             "fit_seconds": float((run_dir / "fit_seconds").read_text()),
             **evaluation,
         }
@@ -589,7 +590,7 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
             row[metric] = float(per_seed.mean())
             row[f"{metric}_sd"] = float(per_seed.std(ddof=1)) if len(seeds) > 1 else math.nan
             row[f"{metric}_n"] = n
-        row["steps"] = float(np.mean([results[name, s]["steps"] for s in seeds]))
+        row["steps"] = float(np.mean([results[name, s]["steps"] or results[name, s]["checkpoint_step"] for s in seeds]))
         row["fit_minutes"] = float(np.mean([results[name, s]["fit_seconds"] for s in seeds]) / 60)
         if "label" in arrays:
             tables = [per_class_table(arrays["label"], p, arrays["class_names"]) for p in arrays["probabilities"][v]]
