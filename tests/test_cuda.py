@@ -322,7 +322,7 @@ def test_wandb_panels_are_logged_from_the_gpu_run(gpu_fit):
     assert masks
     for path in masks:
         assert set(np.unique(np.asarray(Image.open(path)))) <= {0, 1}
-    heat_maps = [p for p in (media / "val" / "attention").rglob("*.png")]
+    heat_maps = list((media / "val" / "attention").rglob("*.png"))
     assert len(heat_maps) >= PANEL  # attention maps of the panel images
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 import zipfile
 from email.parser import Parser
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -119,7 +119,7 @@ def check_wheels(folder: Path) -> list[str]:
 
     problems += walk(provide, TARGET)
     # Every wheel's own requirements too, whether or not the walk above reached it.
-    for name, (_, requires, filename) in wheels.items():
+    for _, requires, filename in wheels.values():
         for line in requires:
             needed = Requirement(line)
             if _applies(needed, set(), TARGET) and provide(canonicalize_name(needed.name))[2] is None:
