@@ -722,6 +722,7 @@ def step_realdata(cfg: Config) -> None:
         f"--data.image_size={cfg.image_size}",
         f"--data.batch_size={cfg.realdata_batch}",
         f"--data.num_workers={workers}",
+        f"--data.persistent_workers={'true' if workers else 'false'}",  # no worker start-up every epoch
         f"--trainer.accelerator={'gpu' if cfg.device == 'cuda' else 'cpu'}",
         "--trainer.precision=bf16-mixed",
         "--model.channels_last=true",
