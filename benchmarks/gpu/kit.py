@@ -84,12 +84,12 @@ class Config:
     matmul_n: int = 8192
     infer_batches: tuple[int, ...] = (1, 64)
     infer_iters: int = 20
-    train_variants: tuple[str, ...] = (
+    train_variants: tuple[str, ...] = (  # each plain loop before the skinfusion variants compared with it
         "plain",
         "skinfusion",
         "skinfusion+bf16",
-        "skinfusion+bf16+cl",
         "plain+bf16+cl",
+        "skinfusion+bf16+cl",
         "skinfusion+bf16+cl+samenet",
     )
     compile_variant: str = "skinfusion+bf16+cl+compile"
