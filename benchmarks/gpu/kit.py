@@ -393,7 +393,7 @@ def in_memory_datamodule(batches: list[dict], steps: int):
             return steps
 
         def __getitem__(self, index: int) -> dict:
-            return batches[index % len(batches)]
+            return dict(batches[index % len(batches)])  # the hooks replace entries: keep the originals uint8
 
     class InMemory(SkinFusionDataModule):
         def prepare_data(self) -> None:
