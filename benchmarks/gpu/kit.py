@@ -56,6 +56,8 @@ OUTPUTS = ("log.txt", "env.txt", "tests.txt", "results.md", "results.jsonl", "re
 GOAL_IMAGES_PER_S = 1500
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 STEPS = ("env", "tests", "train", "infer", "loader", "realdata", "compile")
+#: The paper's full system: its shared setting, then its switches (experiments/paper/).
+PAPER_FULL = ("paper.yaml", "full.yaml")
 #: The ISIC ranking metrics (Task 1 thresholded Jaccard, Task 3 balanced accuracy) and companions, as named by evaluate.
 HEADLINE_METRICS = (
     "task1/threshold_jaccard",
@@ -347,11 +349,11 @@ def step_tests(cfg: Config) -> int:
 
 
 def paper_net_config(cfg: Config, samenet: bool = False) -> dict:
-    """The paper's full network as ``experiments/base.yaml`` + ``experiments/paper/full.yaml`` configure it."""
+    """The paper's full network as ``experiments/base.yaml`` + ``paper/paper.yaml`` + ``paper/full.yaml`` configure it."""
     import yaml
 
     config: dict = {}
-    for path in (REPO / "experiments" / "base.yaml", REPO / "experiments" / "paper" / "full.yaml"):
+    for path in (REPO / "experiments" / "base.yaml", *(REPO / "experiments" / "paper" / f for f in PAPER_FULL)):
         config.update(yaml.safe_load(path.read_text())["model"]["net"]["init_args"])
     config.update(encoder=cfg.encoder, pretrained=False)  # no hub on the GPU machine
     if cfg.decoder_channels:
@@ -720,8 +722,7 @@ def step_realdata(cfg: Config) -> None:
         "fit",
         "--config",
         str(REPO / "experiments" / "base.yaml"),
-        "--config",
-        str(REPO / "experiments" / "paper" / "full.yaml"),
+        *(arg for f in PAPER_FULL for arg in ("--config", str(REPO / "experiments" / "paper" / f))),
         "--model.net.init_args.pretrained=false",  # no hub there; ImageNet weights do not fit in the 64 MiB
         f"--data.manifest={manifest}",
         f"--data.image_size={cfg.image_size}",
