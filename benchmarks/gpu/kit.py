@@ -349,7 +349,7 @@ def step_tests(cfg: Config) -> int:
 
 
 def paper_net_config(cfg: Config, samenet: bool = False) -> dict:
-    """The paper's full network as ``experiments/base.yaml`` + ``paper/paper.yaml`` + ``paper/full.yaml`` configure it."""
+    """The paper's full network as base.yaml + paper/paper.yaml + paper/full.yaml (experiments/) configure it."""
     import yaml
 
     config: dict = {}
