@@ -68,9 +68,9 @@ def train_worker(args: argparse.Namespace, variant: str) -> dict:
     from bench_training import Bench, PlainSteps, bench_trainer
 
     from skinfusion.allocator import tune_malloc
-    from skinfusion.callbacks import MallocTuning
-    from skinfusion.module import SkinFusionModule
     from skinfusion.nn import SkinFusionNet
+    from skinfusion.training.callbacks import MallocTuning
+    from skinfusion.training.module import SkinFusionModule
 
     bench_args = argparse.Namespace(
         encoder=args.encoder,

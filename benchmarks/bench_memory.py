@@ -20,11 +20,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 from _bench import add_malloc_option
 
-from skinfusion.callbacks import MallocTuning
 from skinfusion.data.datamodule import SkinFusionDataModule
-from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
-from skinfusion.reliability import LastCheckpoint
+from skinfusion.training.callbacks import MallocTuning
+from skinfusion.training.checkpointing import LastCheckpoint
+from skinfusion.training.module import SkinFusionModule
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024

@@ -13,7 +13,7 @@ is reused: the page faults go to zero and a step gets faster by the kernel time 
 results are bit-identical (only where memory comes from changes); the price is that the process keeps its
 peak memory instead of shrinking after it. Only glibc (Linux) is affected; elsewhere it does nothing.
 
-The :class:`~skinfusion.callbacks.MallocTuning` callback (in ``experiments/base.yaml``) applies it when a
+The :class:`~skinfusion.training.callbacks.MallocTuning` callback (in ``experiments/base.yaml``) applies it when a
 ``fit``/``validate``/``test``/``predict`` run is set up; ``skinfusion predict``, ``evaluate`` and ``prepare``
 apply it unless ``--no-malloc-tuning`` is given.
 """

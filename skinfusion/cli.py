@@ -21,17 +21,17 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from skinfusion.data.datamodule import SkinFusionDataModule
-from skinfusion.module import SkinFusionModule
+from skinfusion.training.module import SkinFusionModule
 
 __all__ = ["SkinFusionCLI", "main"]
 
 #: Commands that are not LightningCLI subcommands: name -> (module, function taking argv).
 _COMMANDS = {
     "prepare": ("skinfusion.data.prepare", "prepare_main"),
-    "predict": ("skinfusion.predict", "predict_main"),
-    "predict-images": ("skinfusion.predict", "predict_main"),
-    "evaluate": ("skinfusion.report", "evaluate_main"),
-    "export": ("skinfusion.export", "export_main"),
+    "predict": ("skinfusion.inference.predictor", "predict_main"),
+    "predict-images": ("skinfusion.inference.predictor", "predict_main"),
+    "evaluate": ("skinfusion.evaluation.report", "evaluate_main"),
+    "export": ("skinfusion.inference.export", "export_main"),
 }
 #: With one of these, `skinfusion predict` is LightningCLI's predict subcommand.
 _LIGHTNING_FLAGS = ("--config", "-c", "--print_config", "--ckpt_path", "--trainer", "--model", "--data")
@@ -66,7 +66,7 @@ class SkinFusionCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # Every run gets atomic, safely loaded checkpoints and RNG states in them (exact resume),
         # unless the config already chose a CheckpointIO plugin / the callback itself.
-        from skinfusion.reliability import AtomicCheckpointIO, RNGStateCheckpoint
+        from skinfusion.training.checkpointing import AtomicCheckpointIO, RNGStateCheckpoint
 
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
@@ -89,7 +89,7 @@ class SkinFusionCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         from skinfusion.io import load_checkpoint
-        from skinfusion.module import _PLAIN_HPARAMS
+        from skinfusion.training.module import _PLAIN_HPARAMS
 
         hparams = load_checkpoint(ckpt_path).get("hyper_parameters", {})
         plain = {k: v for k, v in hparams.items() if k in _PLAIN_HPARAMS}
@@ -107,7 +107,7 @@ class SkinFusionCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             # Lightning looks for last.ckpt only in this run's new version folder; look in earlier ones too.
-            from skinfusion.reliability import find_last_checkpoint
+            from skinfusion.training.checkpointing import find_last_checkpoint
 
             found = find_last_checkpoint(self.trainer)
             if found is not None:

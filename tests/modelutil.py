@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
 from skinfusion.nn.output import SkinFusionOutput
+from skinfusion.training.module import SkinFusionModule
 
 #: test_resnet with CBAM on the skips and before the classifier, narrow decoder; 64 px inputs.
 NET_CONFIG = {

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from skinfusion import allocator
-from skinfusion.callbacks import MallocTuning
+from skinfusion.training.callbacks import MallocTuning
 
 glibc_only = pytest.mark.skipif(not allocator._is_glibc(), reason="mallopt tuning applies to glibc only")
 
@@ -112,7 +112,7 @@ def test_callback_applies_the_tuning_when_a_run_is_set_up(monkeypatch):
 def test_base_config_tunes_the_allocator(repo_root):
     config = yaml.safe_load((repo_root / "experiments" / "base.yaml").read_text())
     paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
-    assert "skinfusion.callbacks.MallocTuning" in paths
+    assert "skinfusion.training.callbacks.MallocTuning" in paths
 
 
 @glibc_only
@@ -121,7 +121,7 @@ def test_a_training_run_gives_identical_weights_with_and_without_tuning():
     import json, sys
     import pytorch_lightning as pl, torch
     from skinfusion import SkinFusionModule, SkinFusionNet, SkinFusionDataModule
-    from skinfusion.callbacks import MallocTuning
+    from skinfusion.training.callbacks import MallocTuning
     tuned = sys.argv[1] == "tuned"
     torch.manual_seed(0)
     module = SkinFusionModule(SkinFusionNet("test_resnet", decoder_channels=[32, 16, 16, 8, 8]))

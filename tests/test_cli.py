@@ -100,7 +100,7 @@ def test_links_data_to_model(small_manifest, tmp_path):
     """num_classes / class_names come from the DataModule (here a 3-class label map)."""
     from skinfusion.cli import SkinFusionCLI
     from skinfusion.data.datamodule import SkinFusionDataModule
-    from skinfusion.module import SkinFusionModule
+    from skinfusion.training.module import SkinFusionModule
 
     cli = SkinFusionCLI(
         SkinFusionModule,

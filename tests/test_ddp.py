@@ -35,7 +35,7 @@ def _cli(command: str, save_dir: str, devices: int, *extra: str) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
         f"--trainer.logger.save_dir={save_dir}",
-        "--trainer.callbacks=skinfusion.reliability.LastCheckpoint",
+        "--trainer.callbacks=skinfusion.training.checkpointing.LastCheckpoint",
         f"--data.synthetic_samples={SAMPLES}",
         "--data.synthetic_size=32",
         "--data.image_size=32",

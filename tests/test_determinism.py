@@ -10,8 +10,8 @@ import torch
 
 from skinfusion.cli import main
 from skinfusion.data.datamodule import SkinFusionDataModule
+from skinfusion.data.sampling import EpochSeededDataset, ResumableSampler, UnpaddedDistributedSampler
 from skinfusion.io import load_checkpoint
-from skinfusion.reliability import EpochSeededDataset, ResumableSampler, UnpaddedDistributedSampler
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -120,7 +120,7 @@ def _fit(folder: str) -> tuple[list[dict], dict]:
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
             f"--trainer.logger.save_dir={folder}",
-            "--trainer.callbacks=skinfusion.reliability.LastCheckpoint",
+            "--trainer.callbacks=skinfusion.training.checkpointing.LastCheckpoint",
             "--data.synthetic_samples=24",
             "--data.synthetic_size=32",
             "--data.image_size=32",

@@ -1,4 +1,4 @@
-"""skinfusion.export: ONNX Runtime and TorchScript equal eager PyTorch (any batch size); safetensors round trip."""
+"""skinfusion.inference.export: ONNX Runtime and TorchScript equal eager PyTorch (any batch); safetensors round trip."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from imgutil import rgb, save
 from modelutil import ATTENTION_NAMES, IMAGE_SIZE, NET_CONFIG, make_module, save_ckpt
 from safetensors import safe_open
 
-from skinfusion.export import (
+from skinfusion.inference.export import (
     export_main,
     export_onnx,
     export_safetensors,
     export_torchscript,
     load_safetensors_export,
 )
-from skinfusion.predict import Predictor
+from skinfusion.inference.predictor import Predictor
 
 OUTPUT_NAMES = ["mask_logits", "class_logits", *(f"attn/{n}" for n in ATTENTION_NAMES)]
 META_DIM = 5

@@ -182,9 +182,9 @@ def test_failing_prepare_leaves_earlier_output_intact(tmp_path_factory, data, vi
 
 
 def test_predict_path_raises_only_data_error(tmp_path):
-    predict = pytest.importorskip("skinfusion.predict")
+    predict = pytest.importorskip("skinfusion.inference.predictor")
     if not hasattr(predict, "Predictor"):
-        pytest.skip("skinfusion.predict has no Predictor yet")
+        pytest.skip("skinfusion.inference.predictor has no Predictor yet")
     from skinfusion.nn import SkinFusionNet
 
     net = SkinFusionNet(encoder="test_resnet", decoder_channels=(16, 16, 8, 8, 8))

@@ -11,9 +11,9 @@ import torch
 
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.errors import WeightsError
-from skinfusion.losses import MultiTaskLoss
-from skinfusion.module import NonFiniteLossError, SkinFusionModule
 from skinfusion.nn import SkinFusionNet
+from skinfusion.training.losses import MultiTaskLoss
+from skinfusion.training.module import NonFiniteLossError, SkinFusionModule
 
 NUM_CLASSES = 3
 

@@ -1,4 +1,4 @@
-"""skinfusion.predict: masks at the original size the official scorer accepts, the Task 3 CSV, overlays, JSON."""
+"""skinfusion.inference: masks at the original size the official scorer accepts, the Task 3 CSV, overlays, JSON."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from PIL import Image
 
 from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.errors import DataError
-from skinfusion.metrics.isic import score_classification_csvs, score_segmentation_folders
-from skinfusion.postprocess import PostProcess
-from skinfusion.predict import Predictor, collect_records, predict_main
+from skinfusion.evaluation.isic import score_classification_csvs, score_segmentation_folders
+from skinfusion.inference.inputs import collect_records
+from skinfusion.inference.postprocess import PostProcess
+from skinfusion.inference.predictor import Predictor, predict_main
 
 # (name, upright width, upright height, how it is stored)
 IMAGES = [
@@ -362,7 +363,7 @@ def test_real_isic_originals_at_full_resolution(tmp_path, shared_data, ckpt):
 
 @pytest.mark.parametrize("flag", [[], ["--no-malloc-tuning"]])
 def test_predict_cli_tunes_the_allocator_unless_told_not_to(tmp_path, ckpt, monkeypatch, flag):
-    import skinfusion.predict as predict_module
+    import skinfusion.inference.predictor as predict_module
 
     calls = []
     monkeypatch.setattr(predict_module, "tune_malloc", lambda: calls.append(True) or True)

@@ -7,8 +7,8 @@ import pytorch_lightning as pl
 import torch
 
 from skinfusion.data import SkinFusionDataModule
-from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
+from skinfusion.training.module import SkinFusionModule
 
 CHANCE_ACCURACY = 1 / 7
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from skinfusion.io import load_checkpoint
-from skinfusion.reliability import AtomicCheckpointIO
+from skinfusion.training.checkpointing import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -38,7 +38,7 @@ trainer:
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
       init_args: {{monitor: val/loss, mode: min, save_top_k: 1}}
-    - class_path: skinfusion.reliability.LastCheckpoint
+    - class_path: skinfusion.training.checkpointing.LastCheckpoint
       init_args: {{every_n_train_steps: 1}}
 model:
   net:
@@ -126,7 +126,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 _SAVER = """
 import sys, torch
-from skinfusion.reliability import AtomicCheckpointIO
+from skinfusion.training.checkpointing import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 for i in range(1000):
     io.save_checkpoint({"version": i, "weights": torch.full((4_000_000,), float(i))}, sys.argv[1])
@@ -171,8 +171,8 @@ def test_save_does_not_touch_target_until_complete(tmp_path, monkeypatch):
 def test_cli_trainer_uses_atomic_checkpoint_io_and_rng_callback(tmp_path):
     from skinfusion.cli import SkinFusionCLI
     from skinfusion.data.datamodule import SkinFusionDataModule
-    from skinfusion.module import SkinFusionModule
-    from skinfusion.reliability import RNGStateCheckpoint
+    from skinfusion.training.checkpointing import RNGStateCheckpoint
+    from skinfusion.training.module import SkinFusionModule
 
     cli = SkinFusionCLI(
         SkinFusionModule,
@@ -212,7 +212,7 @@ def _nan_run(tmp_path: Path, nonfinite: str) -> None:
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
             f"--trainer.logger.save_dir={tmp_path / 'runs'}",
-            "--trainer.callbacks=skinfusion.reliability.LastCheckpoint",
+            "--trainer.callbacks=skinfusion.training.checkpointing.LastCheckpoint",
             "--trainer.callbacks.every_n_train_steps=1",
             "--data.synthetic_samples=24",
             "--data.synthetic_size=32",
@@ -224,7 +224,7 @@ def _nan_run(tmp_path: Path, nonfinite: str) -> None:
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    from skinfusion.module import NonFiniteLossError, SkinFusionModule
+    from skinfusion.training.module import NonFiniteLossError, SkinFusionModule
 
     with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
         _nan_run(tmp_path, "raise")
@@ -236,7 +236,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nonfinite_loss_skip_option_finishes(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="skinfusion.module"):
+    with caplog.at_level("WARNING", logger="skinfusion.training.module"):
         _nan_run(tmp_path, "skip")
     assert "skipping step" in caplog.text
     (last,) = tmp_path.glob("runs/**/last.ckpt")

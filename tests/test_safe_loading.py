@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from skinfusion.errors import WeightsError
-from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
-from skinfusion.reliability import AtomicCheckpointIO
+from skinfusion.training.checkpointing import AtomicCheckpointIO
+from skinfusion.training.module import SkinFusionModule
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -127,7 +127,7 @@ def test_safe_checkpoints_still_load(tmp_path):
 def test_exported_weights_are_safetensors(tmp_path):
     from safetensors import safe_open
 
-    from skinfusion.export import export_safetensors
+    from skinfusion.inference.export import export_safetensors
 
     net = SkinFusionNet(encoder="test_resnet", decoder_channels=(16, 16, 8, 8, 8))
     path = tmp_path / "model.safetensors"

@@ -17,9 +17,9 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, normalize_tensor
-from skinfusion.losses import MultiTaskLoss
-from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
+from skinfusion.training.losses import MultiTaskLoss
+from skinfusion.training.module import SkinFusionModule
 
 NET = {"encoder": "test_resnet", "attention": "cbam", "decoder_channels": [32, 16, 16, 8, 8]}
 SIZE = 64

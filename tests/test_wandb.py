@@ -23,9 +23,16 @@ import numpy as np
 import pytest
 import torch
 
-from skinfusion import loggers as sf_loggers
-from skinfusion.loggers import WandbLogger, find_wandb_api_key, server_reachable
-from skinfusion.visual import WandbPanels, attention_heatmap, denormalize, panel_indices
+from skinfusion.training import wandb as sf_loggers
+from skinfusion.training.wandb import (
+    WandbLogger,
+    WandbPanels,
+    attention_heatmap,
+    denormalize,
+    find_wandb_api_key,
+    panel_indices,
+    server_reachable,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -105,7 +112,7 @@ def fit_run(tmp_path_factory) -> dict[str, Any]:
         mp.setenv("NETRC", str(root / "no-netrc"))  # no credentials anywhere: the fallback must kick in
         mp.setenv("WANDB_SILENT", "true")
         mp.setenv("SKINFUSION_CACHE", str(root / "cache"))
-        logging.getLogger("skinfusion.loggers").addHandler(handler)
+        logging.getLogger("skinfusion.training.wandb").addHandler(handler)
         wandb.finish()  # a run left open by an earlier test would otherwise be reused
         start = time.perf_counter()
         try:
@@ -130,7 +137,7 @@ def fit_run(tmp_path_factory) -> dict[str, Any]:
             )
         finally:
             wandb.finish()
-            logging.getLogger("skinfusion.loggers").removeHandler(handler)
+            logging.getLogger("skinfusion.training.wandb").removeHandler(handler)
         seconds = time.perf_counter() - start  # noqa: F841  (handy when debugging)
         runs = sorted((root / "runs" / "wandb").glob("offline-run-*"))
         datamodule = SkinFusionDataModule(manifest=str(manifest), image_size=64, num_workers=0, augment=False)
@@ -287,7 +294,7 @@ def http_server():
 
 
 def test_fallback_without_api_key(no_credentials, caplog):
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(save_dir="runs")
     assert logger._wandb_init["mode"] == "offline"
     assert logger.offline_mode
@@ -299,7 +306,7 @@ def test_fallback_without_api_key(no_credentials, caplog):
 def test_fallback_when_server_unreachable(no_credentials, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(log_model=True)
     assert logger._wandb_init["mode"] == "offline"
     assert "cannot reach" in logger.fallback_reason
@@ -313,7 +320,7 @@ def test_online_when_key_and_server_are_there(no_credentials, http_server, monke
     monkeypatch.setenv("WANDB_BASE_URL", http_server)
     assert find_wandb_api_key() == "k" * 40
     assert server_reachable(http_server, timeout=2.0)
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger()
     assert "mode" not in logger._wandb_init
     assert logger.fallback_reason is None
@@ -324,7 +331,7 @@ def test_online_when_key_and_server_are_there(no_credentials, http_server, monke
 def test_user_wandb_mode_is_obeyed_without_checks(no_credentials, monkeypatch, caplog, mode):
     monkeypatch.setenv("WANDB_MODE", mode)
     monkeypatch.setattr(sf_loggers, "server_reachable", lambda *a, **k: pytest.fail("no check expected"))
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger()
     assert "mode" not in logger._wandb_init
     assert logger.fallback_reason is None
@@ -332,7 +339,7 @@ def test_user_wandb_mode_is_obeyed_without_checks(no_credentials, monkeypatch, c
 
 
 def test_explicit_offline_has_no_message(no_credentials, caplog):
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(offline=True)
     assert logger.offline_mode
     assert not caplog.records
@@ -353,7 +360,7 @@ def test_panels_noop_without_wandb_logger(caplog):
 
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, loggers=[CSVLogger("runs")])
     callback = WandbPanels()
-    with caplog.at_level(logging.DEBUG, logger="skinfusion.visual"):
+    with caplog.at_level(logging.DEBUG, logger="skinfusion.training.wandb"):
         callback.on_validation_end(trainer, SimpleNamespace())
         callback.on_validation_end(trainer, SimpleNamespace())
     assert len(caplog.records) == 1

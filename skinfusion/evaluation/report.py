@@ -4,7 +4,7 @@
 
     out_dir/
       metrics.json                 task1/* (Task 1 means) and task3/* (balanced accuracy, per-class
-                                   and macro metrics), computed by skinfusion.metrics.isic exactly
+                                   and macro metrics), computed by skinfusion.evaluation.isic exactly
                                    as the official isic-challenge-scoring package, plus the
                                    confusion matrix
       per_class.md                 a markdown table with one row per class
@@ -36,7 +36,7 @@ import numpy as np
 
 from skinfusion.data.records import Record
 from skinfusion.errors import DataError
-from skinfusion.metrics.isic import (
+from skinfusion.evaluation.isic import (
     SEGMENTATION_METRICS,
     classification_scores,
     read_classification_csv,
@@ -44,18 +44,11 @@ from skinfusion.metrics.isic import (
     roc_curve,
     segmentation_image_scores,
 )
-from skinfusion.predict import (
-    CSV_NAME,
-    MASKS_DIR,
-    Predictor,
-    _png_bytes,
-    add_predictor_arguments,
-    atomic_write_bytes,
-    collect_records,
-    mask_filename,
-    predictor_from_args,
-    render_overlay,
-)
+from skinfusion.inference.inputs import collect_records
+from skinfusion.inference.overlay import render_overlay
+from skinfusion.inference.predictor import Predictor, add_predictor_arguments, predictor_from_args
+from skinfusion.inference.writers import CSV_NAME, MASKS_DIR, mask_filename, png_bytes
+from skinfusion.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +289,7 @@ def write_worst_gallery(
             image, mask=pred, extra_mask=truth, extra_color=(0, 255, 0), contour_color=(255, 0, 255), lines=lines
         )
         path = Path(out_dir) / f"{rank:02d}_{row['id']}.png"
-        atomic_write_bytes(path, _png_bytes(overlay))
+        atomic_write_bytes(path, png_bytes(overlay))
         written.append(path)
     return written
 
@@ -312,10 +305,10 @@ def evaluate(
     """Score predictions against the truth and write an evaluation report folder (see the module docstring).
 
     Args:
-        predictions: a :class:`~skinfusion.predict.Predictor` (it predicts the truth's images and
+        predictions: a :class:`~skinfusion.inference.predictor.Predictor` (it predicts the truth's images and
             writes them to ``out_dir/predictions``, which are then scored), or a prediction folder
             written by :meth:`Predictor.write` (``masks/`` and/or ``predictions.csv``).
-        truth: what :func:`~skinfusion.predict.collect_records` accepts: a manifest CSV (a prepared
+        truth: what :func:`~skinfusion.inference.inputs.collect_records` accepts: a manifest CSV (a prepared
             manifest is read at the original resolution via ``orig_image``/``orig_mask``), an ISIC
             2018 layout folder, or records.
         out_dir: report folder (created; files are replaced atomically).

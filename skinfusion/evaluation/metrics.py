@@ -2,7 +2,7 @@
 
 These work at the training resolution and are correct under DDP (every state is a sum that
 torchmetrics all-reduces). The ISIC challenge's own numbers at the original image resolution
-come from :mod:`skinfusion.metrics.isic`.
+come from :mod:`skinfusion.evaluation.isic`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prediction on image files: lesion masks at the original resolution, the ISIC Task 3 CSV, overlays, JSON.
 
-:class:`Predictor` wraps a trained network (a :class:`~skinfusion.module.SkinFusionModule`, a plain
+:class:`Predictor` wraps a trained network (a :class:`~skinfusion.training.module.SkinFusionModule`, a plain
 :class:`~skinfusion.nn.SkinFusionNet`, a Lightning checkpoint or a ``skinfusion export`` safetensors
 file). For every image it
 
@@ -10,7 +10,7 @@ file). For every image it
    temperature on the class logits);
 3. resizes the lesion *probability* map bilinearly back to the original image size and only then
    post-processes it (threshold, opening, largest component, hole filling; see
-   :class:`~skinfusion.postprocess.PostProcess`).
+   :class:`~skinfusion.inference.postprocess.PostProcess`).
 
 :meth:`Predictor.write` turns the results into files a user submits or reads::
 
@@ -29,182 +29,53 @@ interrupted run never leaves a truncated file or a half-overwritten earlier resu
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from skinfusion.allocator import add_no_tuning_flag, tune_malloc
 from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.errors import DataError
+from skinfusion.inference.inputs import collect_records
+from skinfusion.inference.overlay import prediction_overlay
+from skinfusion.inference.postprocess import PostProcess
+from skinfusion.inference.writers import (
+    CSV_NAME,
+    JSON_DIR,
+    MASKS_DIR,
+    OVERLAYS_DIR,
+    mask_filename,
+    png_bytes,
+    write_csv,
+    write_mask,
+)
 from skinfusion.io import atomic_write_bytes
-from skinfusion.postprocess import PostProcess
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CSV_NAME",
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_NORMALIZATION",
-    "JSON_DIR",
-    "MASKS_DIR",
-    "OVERLAYS_DIR",
     "Prediction",
     "Predictor",
     "add_predictor_arguments",
-    "atomic_write_bytes",
     "checkpoint_settings",
-    "collect_records",
-    "mask_filename",
     "predict_main",
     "predictor_from_args",
-    "render_overlay",
-    "write_csv",
 ]
 
 #: Network input side used when neither the caller nor the checkpoint says otherwise.
 DEFAULT_IMAGE_SIZE = 224
 #: Input normalisation used when neither the caller nor the checkpoint says otherwise.
 DEFAULT_NORMALIZATION = "imagenet"
-MASKS_DIR = "masks"
-OVERLAYS_DIR = "overlays"
-JSON_DIR = "json"
-CSV_NAME = "predictions.csv"
-
-_SKIPPED_SUFFIXES = ("_segmentation", "_superpixels", "_overlay")
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------
-
-
-def _image_files(folder: Path) -> list[Path]:
-    from skinfusion.data.imageio import IMAGE_EXTENSIONS
-
-    return [
-        path
-        for path in sorted(folder.iterdir())
-        if path.is_file()
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-        and not path.name.startswith(".")
-        and not path.stem.endswith(_SKIPPED_SUFFIXES)
-    ]
-
-
-def _isic_subsets(folder: Path) -> dict[str, set[str]]:
-    """``{subset: {"task1", "task3"}}`` of the official ISIC 2018 input folders inside ``folder``."""
-    found: dict[str, set[str]] = {}
-    for path in folder.iterdir():
-        match = re.fullmatch(r"ISIC2018_Task(1-2|3)_(\w+?)_Input", path.name)
-        if match and path.is_dir():
-            found.setdefault(match.group(2), set()).add("task1" if match.group(1) == "1-2" else "task3")
-    return found
-
-
-def _read_manifest(path: Path) -> list[Record]:
-    """Records of a manifest CSV; a prepared manifest's ``orig_image``/``orig_mask`` replace the cache files."""
-    from skinfusion.data.readers import create_reader, read_csv_rows
-
-    records = create_reader("manifest", path, allow_outside_root=True).read()
-    rows = read_csv_rows(path, required=["image"])
-    if rows and "orig_image" in rows[0][1]:
-        records = [
-            Record(
-                image=Path(row["orig_image"]) if row.get("orig_image") else record.image,
-                mask=Path(row["orig_mask"])
-                if row.get("orig_mask")
-                else (None if row.get("orig_image") else record.mask),
-                label=record.label,
-                lesion_id=record.lesion_id,
-                meta=record.meta,
-                source=record.source,
-            )
-            for record, (_, row) in zip(records, rows, strict=True)
-        ]
-    return records
-
-
-def collect_records(
-    sources: str | Path | Record | Iterable[str | Path | Record], subset: str | None = None
-) -> list[Record]:
-    """Turn prediction inputs into records, in a stable order.
-
-    Each source may be
-
-    * an image file;
-    * a folder of images (not recursive; ``*_segmentation.*`` masks and hidden files are skipped);
-    * a folder in the official ISIC 2018 layout (holding ``ISIC2018_Task1-2_{subset}_Input`` and/or
-      ``ISIC2018_Task3_{subset}_Input``, with their ground truth when present);
-    * a manifest CSV (``image,mask,label,...``; a prepared manifest's ``orig_image``/``orig_mask``
-      columns are used instead of its resized cache files);
-    * a :class:`Record`.
-
-    Args:
-        sources: one source or several.
-        subset: ISIC subset (``"Training"``, ``"Validation"``, ``"Test"``) when a folder holds several.
-
-    Returns:
-        Records, one per image.
-
-    Raises:
-        DataError: a missing path, an ISIC folder with several subsets and no ``subset``, or two
-            inputs with the same image id (their outputs would overwrite each other).
-    """
-    from skinfusion.data.readers import combine, create_reader
-
-    if isinstance(sources, (str, Path, Record)):
-        sources = [sources]
-    records: list[Record] = []
-    for source in sources:
-        if isinstance(source, Record):
-            records.append(source)
-            continue
-        path = Path(source)
-        if path.is_file() and path.suffix.lower() == ".csv":
-            records.extend(_read_manifest(path))
-        elif path.is_file():
-            records.append(Record(image=path, source="file"))
-        elif path.is_dir():
-            subsets = _isic_subsets(path)
-            if subsets:
-                if subset is None and len(subsets) > 1:
-                    raise DataError(path, f"holds several ISIC subsets {sorted(subsets)}; choose one with subset=")
-                name = subset if subset is not None else next(iter(subsets))
-                if name not in subsets:
-                    raise DataError(path, f"no ISIC subset {name!r}; found {sorted(subsets)}")
-                parts = []
-                if "task1" in subsets[name]:
-                    parts.append(create_reader("isic_task1", path, subset=name).read())
-                if "task3" in subsets[name]:
-                    parts.append(create_reader("isic_task3", path, subset=name).read())
-                records.extend(combine(*parts))
-            else:
-                files = _image_files(path)
-                if not files:
-                    raise DataError(path, "no image files found")
-                records.extend(Record(image=p, source="folder") for p in files)
-        else:
-            raise DataError(path, "no such file or folder")
-    seen: dict[str, Path] = {}
-    for record in records:
-        if record.id in seen and Path(seen[record.id]) != Path(record.image):
-            raise DataError(record.image, f"image id {record.id} also names {seen[record.id]}; outputs are named by id")
-        seen[record.id] = Path(record.image)
-    return records
-
 
 # ---------------------------------------------------------------------------------------------
 # Results
@@ -271,135 +142,6 @@ class Prediction:
         return doc
 
 
-def mask_filename(image_id: str) -> str:
-    """File name of the predicted mask of ``image_id`` (the ISIC Task 1 convention)."""
-    return f"{image_id}_segmentation.png"
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writers
-# ---------------------------------------------------------------------------------------------
-
-
-def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    image = Image.fromarray(array, mode=mode) if mode else Image.fromarray(array)
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_mask(path: str | Path, mask: np.ndarray) -> None:
-    """Write a boolean mask as an 8-bit greyscale (mode L) PNG with values {0, 255}, atomically."""
-    atomic_write_bytes(path, _png_bytes(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), "L"))
-
-
-def write_csv(path: str | Path, ids: Sequence[str], probabilities: np.ndarray, class_names: Sequence[str]) -> None:
-    """Write the ISIC Task 3 CSV ``image,<class>...`` atomically (fixed-point floats, never ``1e-05``)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", *class_names])
-    for image_id, row in zip(ids, probabilities, strict=True):
-        writer.writerow([image_id, *(f"{float(p):.10f}" for p in row)])
-    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"), fsync=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Overlays
-# ---------------------------------------------------------------------------------------------
-
-
-def _pick_attention(attention: dict[str, np.ndarray], name: str | None) -> np.ndarray | None:
-    if not attention:
-        return None
-    if name is not None:
-        if name not in attention:
-            raise ValueError(f"no attention map {name!r}; this network has {list(attention)}")
-        return attention[name]
-    # the classifier's map explains the diagnosis; otherwise the deepest (last) one
-    return attention.get("classifier", attention[list(attention)[-1]])
-
-
-def render_overlay(
-    image: np.ndarray,
-    mask: np.ndarray | None = None,
-    attention: np.ndarray | None = None,
-    lines: Sequence[str] = (),
-    alpha: float = 0.35,
-    contour_color: tuple[int, int, int] = (0, 255, 0),
-    extra_mask: np.ndarray | None = None,
-    extra_color: tuple[int, int, int] = (255, 0, 255),
-) -> np.ndarray:
-    """Draw a lesion contour, an attention heat map and a text strip on an image, for people.
-
-    Args:
-        image: (H,W,3) uint8 RGB.
-        mask: boolean mask of any size (resized to the image, nearest); its outer contour is drawn.
-        attention: a (h,w) map of any size in [0,1]: upsampled bilinearly, min-max scaled, coloured
-            with the JET colormap and blended with weight ``alpha``.
-        lines: text lines written on a white strip added below the image (e.g. the top-3 classes).
-        alpha: heat-map weight.
-        contour_color: RGB colour of the ``mask`` contour.
-        extra_mask: a second mask whose contour is drawn in ``extra_color`` (e.g. the truth).
-        extra_color: RGB colour of the ``extra_mask`` contour.
-
-    Returns:
-        (H + strip, W, 3) uint8 RGB; no strip when ``lines`` is empty.
-    """
-    canvas = np.ascontiguousarray(image[..., :3]).copy()
-    height, width = canvas.shape[:2]
-    if attention is not None:
-        heat = cv2.resize(np.asarray(attention, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-        low, high = float(heat.min()), float(heat.max())
-        heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
-        colored = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-        canvas = cv2.addWeighted(canvas, 1.0 - alpha, np.ascontiguousarray(colored), alpha, 0.0)
-    thickness = max(1, round(max(height, width) / 250))
-    for outline, color in ((extra_mask, extra_color), (mask, contour_color)):
-        if outline is None:
-            continue
-        outline = np.asarray(outline, dtype=np.uint8)
-        if outline.shape != (height, width):
-            outline = cv2.resize(outline, (width, height), interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(outline, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas, contours, -1, color, thickness)
-    if not lines:
-        return canvas
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    scale = float(np.clip(width / 500, 0.3, 1.5))
-    for line in lines:  # shrink until the longest line fits
-        while scale > 0.2 and cv2.getTextSize(line, font, scale, 1)[0][0] > width - 6:
-            scale *= 0.9
-    text_thickness = max(1, round(scale * 1.5))
-    line_height = cv2.getTextSize("Ag", font, scale, text_thickness)[0][1] * 2
-    strip = np.full((line_height * len(lines) + line_height // 2, width, 3), 255, np.uint8)
-    for row, line in enumerate(lines):
-        cv2.putText(strip, line, (3, line_height * (row + 1)), font, scale, (0, 0, 0), text_thickness, cv2.LINE_AA)
-    return np.concatenate([canvas, strip], axis=0)
-
-
-def _downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    height, width = image.shape[:2]
-    if max_side is None or max(height, width) <= max_side:
-        return image
-    scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def prediction_overlay(
-    prediction: Prediction, attention_map: str | None = None, max_side: int | None = None, alpha: float = 0.35
-) -> np.ndarray:
-    """The overlay image of one :class:`Prediction` (re-reads its image file)."""
-    from skinfusion.data.imageio import read_image
-
-    image = _downscale(read_image(prediction.image, max_side=max_side), max_side)
-    lines = [f"{name} {prob:.1%}" for name, prob in prediction.top_k(3)]
-    if prediction.mask is not None:
-        lines.append(f"lesion {prediction.mask_area:.1%}")
-    heat = _pick_attention(prediction.attention, attention_map)
-    return render_overlay(image, prediction.mask, heat, lines, alpha=alpha)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -438,12 +180,12 @@ def _load_model(source: str | Path) -> tuple[nn.Module, list[str] | None, dict[s
     """The network, its class names and its input settings, reading the file once."""
     path = Path(source)
     if path.suffix == ".safetensors":
-        from skinfusion.export import load_safetensors_export
+        from skinfusion.inference.export import load_safetensors_export
 
         net, class_names, _ = load_safetensors_export(path)
         return net, class_names, checkpoint_settings(path)
     from skinfusion.io import load_checkpoint
-    from skinfusion.module import SkinFusionModule
+    from skinfusion.training.module import SkinFusionModule
 
     ckpt = load_checkpoint(path)
     module = SkinFusionModule.from_checkpoint(ckpt)
@@ -505,7 +247,7 @@ class Predictor:
     """Batched prediction on image files, with test-time augmentation and post-processing.
 
     Args:
-        model: a :class:`~skinfusion.module.SkinFusionModule`, any ``nn.Module`` whose
+        model: a :class:`~skinfusion.training.module.SkinFusionModule`, any ``nn.Module`` whose
             ``forward(image, meta=None)`` returns a :class:`~skinfusion.nn.output.SkinFusionOutput`, or
             the path of a skinfusion checkpoint (``.ckpt``, loaded safely) or safetensors export.
         image_size: network input side; default: the checkpoint's DataModule ``image_size``, else 224.
@@ -518,7 +260,7 @@ class Predictor:
         postprocess: mask post-processing; default ``PostProcess()`` (threshold 0.5, largest
             component, holes filled).
         temperature: class logits are divided by it before the softmax (see
-            :func:`skinfusion.calibration.fit_temperature`).
+            :func:`skinfusion.evaluation.calibration.fit_temperature`).
         class_names: names of the class columns; default the module's or checkpoint's, else the
             first K ISIC classes.
         skip_errors: log and skip unreadable images instead of raising :class:`DataError`.
@@ -606,7 +348,7 @@ class Predictor:
             images (B,3,S,S) -> mask probabilities (B,1,S,S) | None, class probabilities (B,K) | None,
             attention maps {name: (B,1,h,w)} (of the un-augmented view).
         """
-        from skinfusion.calibration import tta_flips
+        from skinfusion.inference.tta import tta_flips
 
         images = images.to(self.device, non_blocking=True)
         meta = None if meta is None else meta.to(self.device, non_blocking=True)
@@ -737,7 +479,7 @@ class Predictor:
                 rows.append(prediction.probabilities)
             if overlays:
                 overlay = prediction_overlay(prediction, attention_map=attention_map, max_side=overlay_max_side)
-                atomic_write_bytes(out_dir / OVERLAYS_DIR / f"{prediction.id}_overlay.png", _png_bytes(overlay))
+                atomic_write_bytes(out_dir / OVERLAYS_DIR / f"{prediction.id}_overlay.png", png_bytes(overlay))
             if json:
                 text = json_module.dumps(prediction.to_json(), indent=2)
                 atomic_write_bytes(out_dir / JSON_DIR / f"{prediction.id}.json", text.encode("utf-8"))

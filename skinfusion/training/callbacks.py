@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
 from skinfusion import allocator
 
-__all__ = ["ISICTestReport", "MallocTuning", "MetricsSummary", "WandbConfig"]
+__all__ = ["ISICTestReport", "MallocTuning", "MetricsSummary"]
 
 log = logging.getLogger(__name__)
 
@@ -97,58 +96,14 @@ class MallocTuning(pl.Callback):
         self.applied = allocator.tune_malloc(self.mmap_threshold, self.trim_threshold)
 
 
-class WandbConfig(pl.Callback):
-    """Record the resolved LightningCLI config in the W&B run's config.
-
-    LightningCLI's ``SaveConfigCallback`` writes the resolved config to ``config.yaml`` in the log
-    folder; this callback also puts it into the W&B run's config, under its top-level keys
-    (``model``, ``data``, ``trainer``, ``seed_everything``, ...) next to the hyperparameters Lightning
-    logs itself. (An online or synced run shows it as ``files/config.yaml``; an offline run keeps it
-    in its ``.wandb`` log.) It does nothing without a W&B logger or outside
-    LightningCLI. Checkpoint paths are recorded by :class:`skinfusion.loggers.WandbLogger`.
-    """
-
-    def __init__(self) -> None:
-        self._logged = False
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._logged:
-            self._log_config(trainer)
-            self._logged = True
-
-    @staticmethod
-    def resolved_config(trainer: pl.Trainer) -> dict[str, Any] | None:
-        """The config of the LightningCLI that built ``trainer`` as a plain dict, or ``None``."""
-        import yaml
-        from pytorch_lightning.cli import SaveConfigCallback
-
-        saver = next((cb for cb in trainer.callbacks if isinstance(cb, SaveConfigCallback)), None)
-        if saver is None:
-            return None
-        try:
-            return yaml.safe_load(saver.parser.dump(saver.config, skip_none=False))
-        except Exception as err:  # a config that cannot be dumped must not stop training
-            log.warning("WandbConfig: could not dump the CLI config (%s); only hyperparameters are logged", err)
-            return None
-
-    @rank_zero_only
-    def _log_config(self, trainer: pl.Trainer) -> None:
-        from skinfusion.visual import find_wandb_logger
-
-        logger = find_wandb_logger(trainer)
-        config = self.resolved_config(trainer) if logger is not None else None
-        if config:
-            logger.experiment.config.update(config, allow_val_change=True)
-
-
 class ISICTestReport(pl.Callback):
     """After ``skinfusion test``: the official ISIC metrics at the original image resolution, and a report.
 
     The ``test/...`` metrics of the test loop are computed at the training resolution. This callback then
     predicts the DataModule's test split again from the original files (a prepared manifest's
     ``orig_image``/``orig_mask``), resizes the masks back to each image's own size, and scores them with
-    :mod:`skinfusion.metrics.isic` (identical to the official ISIC scorer). It writes the evaluation report
-    of :func:`skinfusion.report.evaluate` (``metrics.json``, ``per_class.md``, confusion matrix, ROC
+    :mod:`skinfusion.evaluation.isic` (identical to the official ISIC scorer). It writes the evaluation report
+    of :func:`skinfusion.evaluation.report.evaluate` (``metrics.json``, ``per_class.md``, confusion matrix, ROC
     curves, worst segmentations) and logs the scalars as ``test_isic/<metric>``.
 
     Args:
@@ -168,8 +123,8 @@ class ISICTestReport(pl.Callback):
             return
         from pathlib import Path
 
-        from skinfusion.predict import Predictor
-        from skinfusion.report import evaluate
+        from skinfusion.evaluation.report import evaluate
+        from skinfusion.inference.predictor import Predictor
 
         datamodule = trainer.datamodule
         manifest = getattr(datamodule, "manifest", None)

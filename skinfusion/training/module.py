@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.data.records import ISIC_CLASSES
-from skinfusion.losses import MultiTaskLoss
-from skinfusion.metrics.collections import classification_metrics, flatten_metrics, segmentation_metrics
+from skinfusion.evaluation.metrics import classification_metrics, flatten_metrics, segmentation_metrics
 from skinfusion.nn import SkinFusionNet
 from skinfusion.nn.output import SkinFusionOutput
+from skinfusion.training.losses import MultiTaskLoss
 from skinfusion.training.schedule import WarmupCosine
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@
 * **safetensors**: the network's state dict with metadata ``net_config`` (JSON of the
   :class:`~skinfusion.nn.SkinFusionNet` arguments), ``class_names``, ``image_size``,
   ``normalization`` and ``format`` = ``skinfusion.net``; :func:`load_safetensors_export` rebuilds the
-  network from it, and :class:`~skinfusion.predict.Predictor` accepts such a file as its model.
+  network from it, and :class:`~skinfusion.inference.predictor.Predictor` accepts such a file as its model.
 
 Every file is written to a temporary name beside the target and renamed over it when complete.
 """
@@ -248,7 +248,7 @@ def export_safetensors(
     """Save the network's weights as safetensors with its config in the metadata.
 
     Args:
-        module: a :class:`~skinfusion.module.SkinFusionModule` (its ``net`` is saved) or a network
+        module: a :class:`~skinfusion.training.module.SkinFusionModule` (its ``net`` is saved) or a network
             with a ``config`` attribute.
         path: output ``.safetensors`` file (written atomically).
         image_size: input side to record (optional).
@@ -364,9 +364,9 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     Raises:
         SystemExit: when verification finds an output differing by more than 1e-3.
     """
+    from skinfusion.inference.predictor import DEFAULT_IMAGE_SIZE, checkpoint_settings
     from skinfusion.io import load_checkpoint
-    from skinfusion.module import SkinFusionModule
-    from skinfusion.predict import DEFAULT_IMAGE_SIZE, checkpoint_settings
+    from skinfusion.training.module import SkinFusionModule
 
     args = build_parser().parse_args(argv)
     ckpt = load_checkpoint(args.ckpt)  # read once: settings and weights

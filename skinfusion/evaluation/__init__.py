@@ -1,0 +1,1 @@
+"""Evaluation: the official ISIC challenge metrics, the training metrics, the evaluation report, calibration."""
