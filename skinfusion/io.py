@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from skinfusion.errors import WeightsError
 
-__all__ = ["atomic_save", "atomic_write_bytes", "load_checkpoint", "load_state_dict", "save_safetensors"]
+if TYPE_CHECKING:  # torch loads on first use: the atomic writers serve `prepare` too
+    import torch
+
+__all__ = ["atomic_path", "atomic_save", "atomic_write", "load_checkpoint", "load_state_dict", "save_safetensors"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -28,6 +30,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         WeightsError: the file is missing, not a torch file, or holds objects other than tensors
             and plain containers (a pickle that would execute code is refused here).
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
@@ -63,6 +67,8 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
             return load_file(str(path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsError(f"{path}: not a readable safetensors file ({err})") from err
+    import torch
+
     obj = load_checkpoint(path, map_location)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -73,43 +79,67 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     return dict(obj)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+def _fsync(path: str | Path) -> None:
+    """Flush a file, or a rename in a folder, to disk (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    A crash leaves either the previous file or the new one, never a truncated file.
+
+@contextmanager
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path``.
+
+    A crash leaves either the previous file or the new one, never a truncated one. The new file gets the
+    mode a plain ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s owner-only ``0o600``,
+    so colleagues and serving processes can read what they could read before.
+
+    Args:
+        path: the file to (re)place; its folder is created.
+        fsync: flush the file and the rename to disk (checkpoints, submission CSVs).
+
+    Example:
+        >>> with atomic_path("model.onnx") as tmp:
+        ...     program.save(tmp)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+        yield Path(tmp)
+        umask = os.umask(0)  # the only way to read it; set straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if fsync:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if fsync:
+            _fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, data: bytes | str, fsync: bool = False) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path, fsync) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+    """``torch.save`` to ``path`` atomically and durably (see :func:`atomic_path`)."""
+    import torch
 
-    A kill during the save leaves the previous file intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_safetensors(
@@ -118,14 +148,6 @@ def save_safetensors(
     """Write a state dict as safetensors, atomically (contiguous CPU copies, shared storage split)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -50,6 +50,7 @@ from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
 from skinfusion.data.split import SPLITS, assign_splits, check_no_leakage
 from skinfusion.data.validate import check_label, load_record
 from skinfusion.errors import DataError
+from skinfusion.io import atomic_write
 
 __all__ = ["MANIFEST_COLUMNS", "PrepareReport", "Source", "parse_source", "prepare", "prepare_main", "read_sources"]
 
@@ -243,17 +244,6 @@ def _process(task: tuple[Record, str, str | None, dict[str, Any]]) -> dict[str, 
 
 
 # --------------------------------------------------------------------------------------- helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_state(out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
@@ -513,11 +503,11 @@ def prepare(
     report.accepted = len(accepted)
     report.wall_s = time.perf_counter() - start
 
-    _atomic_write_text(out_dir / "manifest.csv", buf.getvalue())
-    _atomic_write_text(
+    atomic_write(out_dir / "manifest.csv", buf.getvalue())
+    atomic_write(
         out_dir / STATE_FILE, json.dumps({"version": _STATE_VERSION, "params": params, "entries": entries})
     )
-    _atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
+    atomic_write(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
     return report
 
 

@@ -17,6 +17,7 @@ seeded by ``(seed, i)``, so a sample is the same whatever the order or the numbe
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 
 from skinfusion.data.dataset import SITES
 from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
+from skinfusion.io import atomic_write
 
 #: Bump when the rendering changes, so that cached synthetic folders are rebuilt.
 SYNTHETIC_VERSION = 1
@@ -465,12 +467,11 @@ def write_synthetic(
                 orig_width=str(size),
                 orig_height=str(size),
             )
-        tmp = manifest.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(manifest)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(manifest, buffer.getvalue())
         stamp.write_text(json.dumps(params, indent=1))
     return [_record(root, row) for row in rows]
 

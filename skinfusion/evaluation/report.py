@@ -48,7 +48,7 @@ from skinfusion.inference.inputs import collect_records
 from skinfusion.inference.overlay import render_overlay
 from skinfusion.inference.predictor import Predictor, add_predictor_arguments, predictor_from_args
 from skinfusion.inference.writers import CSV_NAME, MASKS_DIR, mask_filename, png_bytes
-from skinfusion.io import atomic_write_bytes
+from skinfusion.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def write_worst_gallery(
             image, mask=pred, extra_mask=truth, extra_color=(0, 255, 0), contour_color=(255, 0, 255), lines=lines
         )
         path = Path(out_dir) / f"{rank:02d}_{row['id']}.png"
-        atomic_write_bytes(path, png_bytes(overlay))
+        atomic_write(path, png_bytes(overlay))
         written.append(path)
     return written
 
@@ -340,8 +340,8 @@ def evaluate(
     if classification is not None:
         matrix = confusion_matrix(classification["truth"], classification["probabilities"])
         report["confusion_matrix"] = {"class_names": classification["class_names"], "counts": matrix.tolist()}
-    atomic_write_bytes(out_dir / "metrics.json", json.dumps(report, indent=2).encode("utf-8"))
-    atomic_write_bytes(out_dir / "per_class.md", _per_class_markdown(metrics, classification).encode("utf-8"))
+    atomic_write(out_dir / "metrics.json", json.dumps(report, indent=2))
+    atomic_write(out_dir / "per_class.md", _per_class_markdown(metrics, classification))
     if rows:
         buffer = io.StringIO()
         writer = csv.DictWriter(
@@ -349,13 +349,13 @@ def evaluate(
         )
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write_bytes(out_dir / "per_image_segmentation.csv", buffer.getvalue().encode("utf-8"))
+        atomic_write(out_dir / "per_image_segmentation.csv", buffer.getvalue())
         if worst > 0:
             write_worst_gallery(rows, records, out_dir / "worst_segmentations", n=worst)
     if classification is not None:
         names = classification["class_names"]
-        atomic_write_bytes(out_dir / "confusion_matrix.png", plot_confusion_matrix(matrix, names))
-        atomic_write_bytes(
+        atomic_write(out_dir / "confusion_matrix.png", plot_confusion_matrix(matrix, names))
+        atomic_write(
             out_dir / "roc_curves.png",
             plot_roc_curves(classification["truth"], classification["probabilities"], names, metrics),
         )

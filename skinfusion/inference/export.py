@@ -21,16 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from skinfusion.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +116,6 @@ def output_names(net: nn.Module, image_size: int = 64) -> list[str]:
     return _wrap(net, image_size, 1)[2]
 
 
-def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def export_onnx(
     net: nn.Module, path: str | Path, image_size: int = 224, opset: int = DEFAULT_OPSET, batch_size: int = 2
 ) -> list[str]:
@@ -162,44 +148,41 @@ def export_onnx(
         log.warning("onnxscript is not installed: using the legacy TorchScript-based ONNX exporter")
         dynamo = False
 
-    def write(tmp: str) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            if dynamo:
-                batch = torch.export.Dim("batch", min=1, max=4096)
-                dynamic_shapes = {name: {0: batch} for name in input_names}
-                program = torch.onnx.export(
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            dynamic_shapes = {name: {0: batch} for name in input_names}
+            program = torch.onnx.export(
+                wrapper,
+                inputs,
+                dynamo=True,
+                input_names=input_names,
+                output_names=names,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                verbose=False,
+            )
+            program.save(str(tmp), external_data=False)
+        else:
+            axes = {name: {0: "batch"} for name in [*input_names, *names]}
+            try:
+                torch.onnx.export(
                     wrapper,
                     inputs,
-                    dynamo=True,
+                    tmp,
+                    dynamo=False,
                     input_names=input_names,
                     output_names=names,
                     opset_version=opset,
-                    dynamic_shapes=dynamic_shapes,
-                    external_data=False,
-                    verbose=False,
+                    dynamic_axes=axes,
                 )
-                program.save(tmp, external_data=False)
-            else:
-                axes = {name: {0: "batch"} for name in [*input_names, *names]}
-                try:
-                    torch.onnx.export(
-                        wrapper,
-                        inputs,
-                        tmp,
-                        dynamo=False,
-                        input_names=input_names,
-                        output_names=names,
-                        opset_version=opset,
-                        dynamic_axes=axes,
-                    )
-                except Exception as error:
-                    raise RuntimeError(
-                        "the legacy ONNX exporter failed on this network (dynamic shapes such as mask_pool fusion "
-                        "need the torch.export-based exporter): pip install onnxscript"
-                    ) from error
-
-    _atomic(path, write)
+            except Exception as error:
+                raise RuntimeError(
+                    "the legacy ONNX exporter failed on this network (dynamic shapes such as mask_pool fusion "
+                    "need the torch.export-based exporter): pip install onnxscript"
+                ) from error
     return names
 
 
@@ -221,13 +204,9 @@ def export_torchscript(net: nn.Module, path: str | Path, image_size: int = 224, 
         )
     }
 
-    def write(tmp: str) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # torch.jit.trace is deprecated upstream but still the portable format
-            traced = torch.jit.trace(wrapper, inputs, check_trace=False)
-            torch.jit.save(traced, tmp, _extra_files=extra)
-
-    _atomic(path, write)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated upstream but still the portable format
+        torch.jit.save(torch.jit.trace(wrapper, inputs, check_trace=False), str(tmp), _extra_files=extra)
     return names
 
 

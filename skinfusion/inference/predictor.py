@@ -57,7 +57,7 @@ from skinfusion.inference.writers import (
     write_csv,
     write_mask,
 )
-from skinfusion.io import atomic_write_bytes
+from skinfusion.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -479,10 +479,10 @@ class Predictor:
                 rows.append(prediction.probabilities)
             if overlays:
                 overlay = prediction_overlay(prediction, attention_map=attention_map, max_side=overlay_max_side)
-                atomic_write_bytes(out_dir / OVERLAYS_DIR / f"{prediction.id}_overlay.png", png_bytes(overlay))
+                atomic_write(out_dir / OVERLAYS_DIR / f"{prediction.id}_overlay.png", png_bytes(overlay))
             if json:
                 text = json_module.dumps(prediction.to_json(), indent=2)
-                atomic_write_bytes(out_dir / JSON_DIR / f"{prediction.id}.json", text.encode("utf-8"))
+                atomic_write(out_dir / JSON_DIR / f"{prediction.id}.json", text)
         csv_path = None
         if csv and rows:
             if len(rows) != len(ids):

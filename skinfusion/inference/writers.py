@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from skinfusion.io import atomic_write_bytes
+from skinfusion.io import atomic_write
 
 __all__ = ["CSV_NAME", "JSON_DIR", "MASKS_DIR", "OVERLAYS_DIR", "mask_filename", "png_bytes", "write_csv", "write_mask"]
 
@@ -34,7 +34,7 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:
     """Write a boolean mask as an 8-bit greyscale (mode L) PNG with values {0, 255}, atomically."""
-    atomic_write_bytes(path, png_bytes(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), "L"))
+    atomic_write(path, png_bytes(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), "L"))
 
 
 def write_csv(path: str | Path, ids: Sequence[str], probabilities: np.ndarray, class_names: Sequence[str]) -> None:
@@ -44,4 +44,4 @@ def write_csv(path: str | Path, ids: Sequence[str], probabilities: np.ndarray, c
     writer.writerow(["image", *class_names])
     for image_id, row in zip(ids, probabilities, strict=True):
         writer.writerow([image_id, *(f"{float(p):.10f}" for p in row)])
-    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"), fsync=True)
+    atomic_write(path, buffer.getvalue(), fsync=True)

@@ -16,7 +16,6 @@ that was never interrupted (bitwise on CPU with ``trainer.deterministic=true``).
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,8 @@ log = logging.getLogger(__name__)
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO that saves atomically and loads without unpickling arbitrary objects.
 
-    Saving: ``torch.save`` into a temporary file beside the target, ``fsync``, ``os.replace`` over
-    the target, ``fsync`` of the folder. A process killed at any moment leaves either the previous
-    file or the new one, never a truncated mix.
+    Saving: :func:`skinfusion.io.atomic_save` (temporary file, ``fsync``, rename, ``fsync`` of the folder): a
+    process killed at any moment leaves either the previous file or the new one, never a truncated mix.
 
     Loading: :func:`skinfusion.io.load_checkpoint` (``torch.load(weights_only=True)``), which refuses
     a pickle that would build any object other than tensors and plain containers and raises
@@ -53,9 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
-        path = Path(path)
         atomic_save(checkpoint, path)
-        _fsync_dir(path.parent)
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
@@ -109,20 +105,6 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pass  # the epoch-end save above replaces ModelCheckpoint's
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def find_last_checkpoint(trainer: pl.Trainer) -> str | None:
