@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from skinfusion.inference.writers import write_csv
-from skinfusion.io import atomic_path, atomic_write
 from skinfusion.training.checkpointing import AtomicCheckpointIO
 
 
@@ -47,11 +46,3 @@ def test_written_files_get_the_mode_of_a_plain_open(tmp_path, umask, name, write
     assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["plain", name])  # no temporary file left
 
-
-def test_a_failed_write_keeps_the_previous_file(tmp_path):
-    atomic_write(tmp_path / "a.txt", "old")
-    with pytest.raises(RuntimeError), atomic_path(tmp_path / "a.txt") as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("killed")
-    assert (tmp_path / "a.txt").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
