@@ -45,4 +45,3 @@ def test_written_files_get_the_mode_of_a_plain_open(tmp_path, umask, name, write
     assert expected == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["plain", name])  # no temporary file left
-

@@ -504,9 +504,7 @@ def prepare(
     report.wall_s = time.perf_counter() - start
 
     atomic_write(out_dir / "manifest.csv", buf.getvalue())
-    atomic_write(
-        out_dir / STATE_FILE, json.dumps({"version": _STATE_VERSION, "params": params, "entries": entries})
-    )
+    atomic_write(out_dir / STATE_FILE, json.dumps({"version": _STATE_VERSION, "params": params, "entries": entries}))
     atomic_write(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
     return report
 
