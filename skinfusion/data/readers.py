@@ -37,6 +37,7 @@ from skinfusion.data.imageio import IMAGE_EXTENSIONS
 from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.data.validate import check_inside_root, same_file
 from skinfusion.errors import DataError
+from skinfusion.registry import Registry
 
 __all__ = [
     "DiagnosisCSVReader",
@@ -55,7 +56,7 @@ __all__ = [
     "register_reader",
 ]
 
-_READERS: dict[str, type[Reader]] = {}
+_READERS: Registry[Reader] = Registry("reader")
 
 #: HAM10000 ``dx`` codes to ISIC 2018 Task 3 class names.
 HAM_DX: dict[str, str] = {c.lower(): c for c in ISIC_CLASSES}
@@ -65,21 +66,17 @@ _UNKNOWN = {"", "unknown", "nan", "none", "na", "n/a"}
 
 
 def register_reader(name: str) -> Callable[[type[Reader]], type[Reader]]:
-    """Class decorator registering a reader under ``name``."""
+    """Class decorator registering a reader under ``name`` (also its ``Reader.name``)."""
 
     def deco(cls: type[Reader]) -> type[Reader]:
-        if name in _READERS:
-            raise ValueError(f"reader {name!r} is already registered")
         cls.name = name
-        _READERS[name] = cls
-        return cls
+        return _READERS.register(name)(cls)
 
     return deco
 
 
-def list_readers() -> list[str]:
-    """Names of the registered readers."""
-    return sorted(_READERS)
+#: Names of the registered readers, sorted.
+list_readers = _READERS.names
 
 
 def create_reader(kind: str, path: str | Path, **kwargs: Any) -> Reader:
@@ -88,10 +85,9 @@ def create_reader(kind: str, path: str | Path, **kwargs: Any) -> Reader:
     Raises:
         ValueError: unknown ``kind`` (the message lists the choices) or bad keyword arguments.
     """
-    if kind not in _READERS:
-        raise ValueError(f"unknown reader {kind!r}; choose one of {', '.join(list_readers())}")
+    cls = _READERS.get(kind)
     try:
-        return _READERS[kind](path, **kwargs)
+        return cls(path, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for reader {kind!r}: {err}") from None
 
