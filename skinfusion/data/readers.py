@@ -455,7 +455,7 @@ class PH2Reader(Reader):
 
 @register_reader("manifest")
 class ManifestReader(Reader):
-    """A generic manifest CSV (also the format ``prepare`` writes).
+    """A generic manifest CSV (also the format ``prepare`` and the synthetic data set write).
 
     Columns: ``image`` (required), ``mask``, ``label``, ``lesion_id``, ``age``, ``sex``, ``site``
     (or ``localization``), ``split``; other columns are ignored. Paths are relative to the CSV's
@@ -465,6 +465,8 @@ class ManifestReader(Reader):
         path: the CSV file.
         allow_outside_root: allow image/mask paths that resolve outside the CSV's folder.
         source_column: column whose value becomes ``record.source`` (default: ``"manifest"``).
+        originals: where a prepared manifest names the original files (``orig_image``, ``orig_mask``), read
+            those instead of its resized cache (for scoring at the original resolution).
         label_map: optional label mapping.
 
     Raises:
@@ -477,16 +479,22 @@ class ManifestReader(Reader):
         path: str | Path,
         allow_outside_root: bool = False,
         source_column: str | None = None,
+        originals: bool = False,
         label_map: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(path, label_map)
         self.allow_outside_root = allow_outside_root
         self.source_column = source_column
+        self.originals = originals
 
     def read(self) -> list[Record]:
+        return self.records(read_csv_rows(self.path, required=["image"]))
+
+    def records(self, rows: Iterable[tuple[int, Mapping[str, str]]]) -> list[Record]:
+        """Records of the ``(line number, row)`` pairs :func:`read_csv_rows` returns (paths relative to ``path``)."""
         root = self.path.parent
         records = []
-        for line, row in read_csv_rows(self.path, required=["image"]):
+        for line, row in rows:
 
             def resolve(value: str, line: int = line) -> Path:
                 try:
@@ -496,7 +504,10 @@ class ManifestReader(Reader):
                 except (ValueError, OSError) as err:  # e.g. a NUL byte in the path
                     raise DataError(self.path, f"line {line}: {value!r}: invalid path ({err})") from None
 
-            if not row["image"]:
+            image, mask = row["image"], row.get("mask")
+            if self.originals and row.get("orig_image"):
+                image, mask = row["orig_image"], row.get("orig_mask")
+            if not image:
                 raise DataError(self.path, f"line {line}: empty image path")
             try:
                 meta = _meta(row.get("age"), row.get("sex"), row.get("site", row.get("localization")))
@@ -509,8 +520,8 @@ class ManifestReader(Reader):
                 meta["split"] = split
             records.append(
                 Record(
-                    image=resolve(row["image"]),
-                    mask=resolve(row["mask"]) if row.get("mask") else None,
+                    image=resolve(image),
+                    mask=resolve(mask) if mask else None,
                     label=apply_label_map(row.get("label") or None, self.label_map),
                     lesion_id=row.get("lesion_id") or None,
                     meta=meta,

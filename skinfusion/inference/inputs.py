@@ -37,29 +37,6 @@ def _isic_subsets(folder: Path) -> dict[str, set[str]]:
     return found
 
 
-def _read_manifest(path: Path) -> list[Record]:
-    """Records of a manifest CSV; a prepared manifest's ``orig_image``/``orig_mask`` replace the cache files."""
-    from skinfusion.data.readers import create_reader, read_csv_rows
-
-    records = create_reader("manifest", path, allow_outside_root=True).read()
-    rows = read_csv_rows(path, required=["image"])
-    if rows and "orig_image" in rows[0][1]:
-        records = [
-            Record(
-                image=Path(row["orig_image"]) if row.get("orig_image") else record.image,
-                mask=Path(row["orig_mask"])
-                if row.get("orig_mask")
-                else (None if row.get("orig_image") else record.mask),
-                label=record.label,
-                lesion_id=record.lesion_id,
-                meta=record.meta,
-                source=record.source,
-            )
-            for record, (_, row) in zip(records, rows, strict=True)
-        ]
-    return records
-
-
 def collect_records(
     sources: str | Path | Record | Iterable[str | Path | Record], subset: str | None = None
 ) -> list[Record]:
@@ -97,7 +74,7 @@ def collect_records(
             continue
         path = Path(source)
         if path.is_file() and path.suffix.lower() == ".csv":
-            records.extend(_read_manifest(path))
+            records.extend(create_reader("manifest", path, allow_outside_root=True, originals=True).read())
         elif path.is_file():
             records.append(Record(image=path, source="file"))
         elif path.is_dir():
