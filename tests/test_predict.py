@@ -15,6 +15,7 @@ from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.errors import DataError
 from skinfusion.evaluation.isic import score_classification_csvs, score_segmentation_folders
 from skinfusion.inference.inputs import collect_records
+from skinfusion.inference.overlay import heatmap
 from skinfusion.inference.postprocess import PostProcess
 from skinfusion.inference.predictor import Predictor, predict_main
 
@@ -371,3 +372,14 @@ def test_predict_cli_tunes_the_allocator_unless_told_not_to(tmp_path, ckpt, monk
     predictor = predict_module.predictor_from_args(args)
     assert isinstance(predictor, predict_module.Predictor)
     assert calls == ([] if flag else [True])
+
+
+def test_heatmap_shape_and_blend():
+    image = np.zeros((8, 8, 3), np.uint8)
+    attention = np.zeros((2, 2), np.float32)
+    attention[0, 0] = 1.0
+    heat = heatmap(image, attention, alpha=1.0)
+    assert heat.shape == (8, 8, 3)
+    assert heat.dtype == np.uint8
+    assert not np.array_equal(heat[0, 0], heat[7, 7])  # top-left is the hot corner
+    np.testing.assert_array_equal(heatmap(image, attention, alpha=0.0), image)

@@ -27,7 +27,6 @@ from skinfusion.training import wandb as sf_loggers
 from skinfusion.training.wandb import (
     WandbLogger,
     WandbPanels,
-    attention_heatmap,
     denormalize,
     find_wandb_api_key,
     panel_indices,
@@ -383,17 +382,6 @@ def test_denormalize():
     np.testing.assert_array_equal(denormalize(torch.full((3, 1, 1), 2.0), "unit")[0, 0], [255, 255, 255])
     with pytest.raises(ValueError, match="normalization"):
         denormalize(image, "zscore")
-
-
-def test_attention_heatmap_shape_and_blend():
-    image = np.zeros((8, 8, 3), np.uint8)
-    attention = torch.zeros(1, 2, 2)
-    attention[0, 0, 0] = 1.0
-    heat = attention_heatmap(image, attention, alpha=1.0)
-    assert heat.shape == (8, 8, 3)
-    assert heat.dtype == np.uint8
-    assert not np.array_equal(heat[0, 0], heat[7, 7])  # top-left is the hot corner
-    np.testing.assert_array_equal(attention_heatmap(image, attention, alpha=0.0), image)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import numpy as np
 if TYPE_CHECKING:
     from skinfusion.inference.predictor import Prediction
 
-__all__ = ["prediction_overlay", "render_overlay"]
+__all__ = ["heatmap", "prediction_overlay", "render_overlay"]
 
 
 def _pick_attention(attention: dict[str, np.ndarray], name: str | None) -> np.ndarray | None:
@@ -23,6 +23,20 @@ def _pick_attention(attention: dict[str, np.ndarray], name: str | None) -> np.nd
         return attention[name]
     # the classifier's map explains the diagnosis; otherwise the deepest (last) one
     return attention.get("classifier", attention[list(attention)[-1]])
+
+
+def heatmap(image: np.ndarray, attention: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """Blend an attention map over an image as a heat map: upsampled bilinearly, min-max scaled, JET colours.
+
+    Shape:
+        image (H,W,3) uint8 RGB, attention (h,w) of any size -> (H,W,3) uint8.
+    """
+    height, width = image.shape[:2]
+    heat = cv2.resize(np.asarray(attention, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    low, high = float(heat.min()), float(heat.max())
+    heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+    colored = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    return cv2.addWeighted(np.ascontiguousarray(image), 1.0 - alpha, np.ascontiguousarray(colored), alpha, 0.0)
 
 
 def render_overlay(
@@ -40,8 +54,7 @@ def render_overlay(
     Args:
         image: (H,W,3) uint8 RGB.
         mask: boolean mask of any size (resized to the image, nearest); its outer contour is drawn.
-        attention: a (h,w) map of any size in [0,1]: upsampled bilinearly, min-max scaled, coloured
-            with the JET colormap and blended with weight ``alpha``.
+        attention: a (h,w) map of any size, drawn by :func:`heatmap` with weight ``alpha``.
         lines: text lines written on a white strip added below the image (e.g. the top-3 classes).
         alpha: heat-map weight.
         contour_color: RGB colour of the ``mask`` contour.
@@ -54,11 +67,7 @@ def render_overlay(
     canvas = np.ascontiguousarray(image[..., :3]).copy()
     height, width = canvas.shape[:2]
     if attention is not None:
-        heat = cv2.resize(np.asarray(attention, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-        low, high = float(heat.min()), float(heat.max())
-        heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
-        colored = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-        canvas = cv2.addWeighted(canvas, 1.0 - alpha, np.ascontiguousarray(colored), alpha, 0.0)
+        canvas = heatmap(canvas, attention, alpha)
     thickness = max(1, round(max(height, width) / 250))
     for outline, color in ((extra_mask, extra_color), (mask, contour_color)):
         if outline is None:

@@ -28,16 +28,15 @@ import torch
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
-from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import default_collate
 
 from skinfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from skinfusion.inference.overlay import heatmap
 
 __all__ = [
     "WandbConfig",
     "WandbLogger",
     "WandbPanels",
-    "attention_heatmap",
     "denormalize",
     "find_wandb_api_key",
     "find_wandb_logger",
@@ -312,23 +311,6 @@ def denormalize(image: Tensor, normalization: Literal["unit", "imagenet"] = "uni
     return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def attention_heatmap(image: np.ndarray, attention: Tensor, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend an attention map (scaled to its own min-max range) as a heat map over an image.
-
-    Shape:
-        image (H,W,3) uint8, attention (1,h,w) or (h,w) -> (H,W,3) uint8.
-    """
-    from matplotlib import colormaps
-
-    height, width = image.shape[:2]
-    attention = attention.detach().float().cpu().reshape(1, 1, *attention.shape[-2:])
-    attention = F.interpolate(attention, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    low, high = attention.min(), attention.max()
-    attention = (attention - low) / (high - low) if high > low else torch.zeros_like(attention)
-    heat = colormaps[cmap](attention.numpy())[..., :3] * 255
-    return ((1 - alpha) * image + alpha * heat).round().clip(0, 255).astype(np.uint8)
-
-
 def _default_attention_keys(keys: Sequence[str]) -> list[str]:
     """Skip-level and classifier maps, plus the deepest per-block encoder map (there can be dozens)."""
     chosen = [k for k in keys if not k.startswith("encoder.")]
@@ -495,7 +477,7 @@ class WandbPanels(pl.Callback):
             if key not in attention:
                 continue
             entries[f"val/attention/{key}"] = [
-                wandb.Image(attention_heatmap(image, attention[key][k]), caption=ids[k])
+                wandb.Image(heatmap(image, attention[key][k, 0].float().cpu().numpy(), alpha=0.5), caption=ids[k])
                 for k, image in enumerate(images)
             ]
         return entries
