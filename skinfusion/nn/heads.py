@@ -119,8 +119,6 @@ class MaskPoolFusion(Fusion):
         self.eps = eps
 
     def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
-        if mask_logits is None:
-            raise ValueError("mask_pool fusion needs mask_logits")
         if self.detach_mask:
             mask_logits = mask_logits.detach()
         # "area" averages the probability over each feature cell; it is exact for the integer strides here.
@@ -137,13 +135,9 @@ class DecoderFusion(Fusion):
 
     def __init__(self, encoder_channels: int, decoder_channels: int | None = None) -> None:
         super().__init__()
-        if decoder_channels is None:
-            raise ValueError("decoder fusion needs the decoder")
         self.out_features = encoder_channels + decoder_channels
 
     def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
-        if decoder_features is None:
-            raise ValueError("decoder fusion needs decoder_features")
         return torch.cat([features.mean((2, 3)), decoder_features.mean((2, 3))], dim=1)
 
 
