@@ -1,4 +1,4 @@
-"""Safe loading and saving of weights and checkpoints.
+"""Weights and checkpoints: safe loading, one atomic writer, and the settings that travel with the model.
 
 Nothing here unpickles arbitrary objects: ``.safetensors`` files are read with safetensors,
 everything else with ``torch.load(weights_only=True)``, which refuses any pickle that would
@@ -7,11 +7,14 @@ build an object other than tensors and plain containers.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +23,65 @@ from skinfusion.errors import WeightsError
 if TYPE_CHECKING:  # torch loads on first use: the atomic writers serve `prepare` too
     import torch
 
-__all__ = ["atomic_path", "atomic_save", "atomic_write", "load_checkpoint", "load_state_dict", "save_safetensors"]
+__all__ = [
+    "InferenceSettings",
+    "atomic_path",
+    "atomic_save",
+    "atomic_write",
+    "load_checkpoint",
+    "load_state_dict",
+    "save_safetensors",
+]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What predict, evaluate and export need besides the weights; every checkpoint and export carries it.
+
+    A :class:`~skinfusion.training.module.SkinFusionModule` keeps it in its hyperparameters (``inference``; the
+    input settings are the DataModule's, read when training starts); exports keep it as metadata.
+
+    Attributes:
+        net_config: the :class:`~skinfusion.nn.SkinFusionNet` arguments that rebuild the network.
+        class_names: names of the class logits, in order.
+        image_size: side of the square network input.
+        normalization: input normalisation, ``"imagenet"`` or ``"unit"``.
+    """
+
+    net_config: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    image_size: int = 224
+    normalization: str = "imagenet"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.normalization not in ("imagenet", "unit"):
+            raise ValueError(f"normalization must be 'imagenet' or 'unit', got {self.normalization!r}")
+        config = {k: v for k, v in self.net_config.items() if k != "pretrained"}  # the weights come with the file
+        object.__setattr__(self, "net_config", config)
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "class_names": list(self.class_names)}
+
+    def to_metadata(self) -> dict[str, str]:
+        """One JSON string per field (safetensors, ONNX and TorchScript metadata)."""
+        return {key: json.dumps(value) for key, value in self.to_dict().items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> InferenceSettings:
+        return cls(**{f.name: json.loads(metadata[f.name]) for f in fields(cls) if f.name in metadata})
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> InferenceSettings:
+        """The record of a skinfusion checkpoint (one written before the record existed: rebuilt from its parts)."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if "inference" in hparams:
+            return cls(**hparams["inference"])
+        data = checkpoint.get("datamodule_hyper_parameters") or {}
+        inputs = {k: data[k] for k in ("image_size", "normalization") if data.get(k) is not None}
+        return cls(hparams.get("net_config") or {}, hparams.get("classes") or (), **inputs)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -38,10 +99,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))  # the object it would build, not PyTorch's whole essay
         raise WeightsError(
-            f"{path}: refused to load: it holds Python objects other than tensors and plain "
-            f"containers, which could run code when unpickled ({err}). Only load files you trust; "
-            "re-save them as safetensors or a plain state dict."
+            f"{path}: refused to load: it holds Python objects other than tensors and plain containers"
+            f"{f' ({found[1]})' if found else ''}, which could run code when unpickled. Only load files you trust"
+            " (--weights_only false); re-save them as safetensors or a plain state dict."
         ) from err
     except Exception as err:  # corrupt zip, truncated file, not a torch file...
         raise WeightsError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err

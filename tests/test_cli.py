@@ -8,9 +8,10 @@ import pytest
 
 from skinfusion.cli import main
 from skinfusion.data.synthetic import write_synthetic
+from skinfusion.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((REPO / "experiments").rglob("*.yaml"))
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p.name != "common.yaml")  # included by others
 BASE = REPO / "experiments" / "base.yaml"
 
 TINY = [
@@ -61,39 +62,24 @@ def test_experiment_fast_dev_run(config, small_manifest, capsys):
     assert "Final validation metrics" in out
 
 
-def test_paper_configs_differ_only_in_switches():
+def test_paper_configs_are_the_common_file_plus_switches():
     import yaml
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
     paper = REPO / "experiments" / "paper"
-    configs = {
-        name: flat(yaml.safe_load((paper / f"{name}.yaml").read_text()))
-        for name in ("baseline", "attention", "fusion", "full")
-    }
-    switches = {
-        "model.net.init_args.attention",
-        "model.net.init_args.attention_placement",
-        "model.net.init_args.decoder",
-        "model.net.init_args.fusion",
-    }
-    keys = set().union(*configs.values())
-    for key in keys - switches:
-        values = {repr(c.get(key)) for c in configs.values()}
-        assert len(values) == 1, f"{key} differs between paper configs: {values}"
-    assert configs["baseline"]["model.net.init_args.decoder"] is False
-    assert configs["baseline"]["model.net.init_args.attention"] is None
-    assert configs["attention"]["model.net.init_args.attention"] == "spatial"
-    assert configs["fusion"]["model.net.init_args.decoder"] is True
-    assert configs["full"]["model.net.init_args.attention"] == "spatial"
-    assert configs["full"]["model.net.init_args.decoder"] is True
+    switches = {"attention", "attention_placement", "decoder", "fusion"}
+    configs = {}
+    for name in ("baseline", "attention", "fusion", "full"):
+        config = yaml.safe_load((paper / f"{name}.yaml").read_text())
+        assert config.pop("config") == "common.yaml"
+        configs[name] = config["model"]["net"]["init_args"]
+        assert config == {"model": {"net": {"init_args": configs[name]}}}, name  # nothing but the switches
+        assert configs[name].keys() == switches, name
+    assert configs["baseline"]["decoder"] is False
+    assert configs["baseline"]["attention"] is None
+    assert configs["attention"]["attention"] == "spatial"
+    assert configs["fusion"]["decoder"] is True
+    assert configs["full"]["attention"] == "spatial"
+    assert configs["full"]["decoder"] is True
 
 
 def test_links_data_to_model(small_manifest, tmp_path):
@@ -125,9 +111,25 @@ def test_top_level_help(capsys):
         assert command in out
 
 
-def test_missing_manifest_is_a_clear_error(tmp_path):
-    with pytest.raises(Exception, match="nope.csv"):
+def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", *_configs_for(BASE), *TINY, f"--data.manifest={tmp_path / 'nope.csv'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nope.csv: manifest not found" in err
+    assert "Traceback" not in err
+    with pytest.raises(DataError, match="nope.csv"):  # --debug: the error itself, with its traceback
+        main(["--debug", "fit", *_configs_for(BASE), *TINY, f"--data.manifest={tmp_path / 'nope.csv'}"])
+
+
+def test_a_value_the_classes_refuse_is_a_config_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_configs_for(BASE), *TINY, "--model.net.init_args.decoder=false"])  # mask_pool needs it
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs the decoder" in err
+    assert "--help" in err
+    assert "Traceback" not in err
 
 
 def test_test_command_reports_isic_metrics_at_original_resolution(small_manifest, tmp_path, capsys):

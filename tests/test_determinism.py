@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelutil import TINY_CLI
 
 from skinfusion.cli import main
 from skinfusion.data.datamodule import SkinFusionDataModule
@@ -110,11 +111,7 @@ def _fit(folder: str) -> tuple[list[dict], dict]:
     main(
         [
             "fit",
-            "--config",
-            str(BASE),
-            "--model.net.init_args.encoder=test_resnet",
-            "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
-            "--trainer.accelerator=cpu",
+            *TINY_CLI,
             "--trainer.max_epochs=2",
             "--trainer.deterministic=true",
             "--trainer.enable_progress_bar=false",

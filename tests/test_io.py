@@ -22,10 +22,11 @@ def _predictions_csv(path):
 
 
 def _export(path):
-    from skinfusion.inference.export import export_safetensors
-    from skinfusion.nn import SkinFusionNet
+    from modelutil import tiny_net
 
-    export_safetensors(SkinFusionNet("test_resnet", decoder_channels=(16, 16, 8, 8, 8)), path)
+    from skinfusion.inference.export import export_safetensors
+
+    export_safetensors(tiny_net(), path)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])

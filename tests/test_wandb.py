@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from modelutil import TINY_CLI
 
 from skinfusion.training import wandb as sf_loggers
 from skinfusion.training.wandb import (
@@ -118,12 +119,7 @@ def fit_run(tmp_path_factory) -> dict[str, Any]:
             main(
                 [
                     "fit",
-                    "--config",
-                    str(BASE),
-                    "--model.net.init_args.encoder=test_resnet",
-                    "--model.net.init_args.pretrained=false",
-                    "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
-                    "--trainer.accelerator=cpu",
+                    *TINY_CLI,
                     f"--trainer.max_epochs={EPOCHS}",
                     "--trainer.log_every_n_steps=1",
                     "--trainer.enable_progress_bar=false",

@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
             "metrics.json, per_class.md, confusion_matrix.png, roc_curves.png, worst_segmentations/."
         ),
         epilog=(
-            "Either --predictions DIR (written by predict-images) or --ckpt CKPT (predict first). Example: "
+            "Either --predictions DIR (written by skinfusion predict) or --ckpt CKPT (predict first). Example: "
             "skinfusion evaluate --ckpt best.ckpt --truth data/manifest.csv --split test --out report"
         ),
     )
@@ -399,7 +399,3 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     headline = {k: v for k, v in report.items() if k in ("task1/threshold_jaccard", "task3/balanced_accuracy")}
     print(json.dumps({"out": str(args.out), **headline}, indent=2))
     return report
-
-
-if __name__ == "__main__":
-    evaluate_main()

@@ -32,8 +32,8 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from skinfusion.allocator import add_no_tuning_flag, tune_malloc
 from skinfusion.data.records import ISIC_CLASSES, Record
-from skinfusion.errors import DataError
+from skinfusion.errors import DataError, config_errors
 from skinfusion.inference.inputs import collect_records
 from skinfusion.inference.overlay import prediction_overlay
 from skinfusion.inference.postprocess import PostProcess
@@ -57,25 +56,20 @@ from skinfusion.inference.writers import (
     write_csv,
     write_mask,
 )
-from skinfusion.io import atomic_write
+from skinfusion.io import InferenceSettings, atomic_write
+from skinfusion.nn import SkinFusionNet
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_IMAGE_SIZE",
-    "DEFAULT_NORMALIZATION",
     "Prediction",
     "Predictor",
     "add_predictor_arguments",
-    "checkpoint_settings",
+    "load_model",
     "predict_main",
     "predictor_from_args",
 ]
 
-#: Network input side used when neither the caller nor the checkpoint says otherwise.
-DEFAULT_IMAGE_SIZE = 224
-#: Input normalisation used when neither the caller nor the checkpoint says otherwise.
-DEFAULT_NORMALIZATION = "imagenet"
 
 # ---------------------------------------------------------------------------------------------
 # Results
@@ -147,49 +141,16 @@ class Prediction:
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_settings(path: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """The input settings (``image_size``, ``normalization``) a checkpoint or exported file records.
-
-    Lightning stores the DataModule's hyperparameters in the checkpoint
-    (``datamodule_hyper_parameters``); ``skinfusion export --format safetensors`` stores them in the
-    file's metadata. Missing settings are simply absent from the result. ``path`` may also be a
-    checkpoint already read with :func:`skinfusion.io.load_checkpoint`.
-    """
-    found: dict[str, Any] = {}
-    if not isinstance(path, Mapping) and Path(path).suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        for key in ("image_size", "normalization"):
-            if metadata.get(key):
-                found[key] = json.loads(metadata[key])
-        return found
-    from skinfusion.io import load_checkpoint
-
-    ckpt = path if isinstance(path, Mapping) else load_checkpoint(path)
-    for section in ("hyper_parameters", "datamodule_hyper_parameters"):  # the DataModule's wins
-        values = ckpt.get(section) or {}
-        for key in ("image_size", "normalization"):
-            if values.get(key) is not None:
-                found[key] = values[key]
-    return found
-
-
-def _load_model(source: str | Path) -> tuple[nn.Module, list[str] | None, dict[str, Any]]:
-    """The network, its class names and its input settings, reading the file once."""
-    path = Path(source)
-    if path.suffix == ".safetensors":
+def load_model(path: str | Path) -> tuple[SkinFusionNet, InferenceSettings]:
+    """The network of a skinfusion checkpoint (``.ckpt``, loaded safely) or safetensors export, and its record."""
+    if Path(path).suffix == ".safetensors":
         from skinfusion.inference.export import load_safetensors_export
 
-        net, class_names, _ = load_safetensors_export(path)
-        return net, class_names, checkpoint_settings(path)
-    from skinfusion.io import load_checkpoint
+        return load_safetensors_export(path)
     from skinfusion.training.module import SkinFusionModule
 
-    ckpt = load_checkpoint(path)
-    module = SkinFusionModule.from_checkpoint(ckpt)
-    return module.net, list(module.class_names), checkpoint_settings(ckpt)
+    module = SkinFusionModule.from_checkpoint(path)
+    return module.net, module.settings
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -250,8 +211,8 @@ class Predictor:
         model: a :class:`~skinfusion.training.module.SkinFusionModule`, any ``nn.Module`` whose
             ``forward(image, meta=None)`` returns a :class:`~skinfusion.nn.output.SkinFusionOutput`, or
             the path of a skinfusion checkpoint (``.ckpt``, loaded safely) or safetensors export.
-        image_size: network input side; default: the checkpoint's DataModule ``image_size``, else 224.
-        normalization: ``"imagenet"`` or ``"unit"``; default: the checkpoint's, else ``"imagenet"``.
+        image_size: network input side; default: the model's record (:class:`~skinfusion.io.InferenceSettings`).
+        normalization: ``"imagenet"`` or ``"unit"``; default: the model's record.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (CUDA when available).
         batch_size: images per forward pass.
         num_workers: DataLoader workers that decode images in parallel (0: in this process).
@@ -261,8 +222,8 @@ class Predictor:
             component, holes filled).
         temperature: class logits are divided by it before the softmax (see
             :func:`skinfusion.evaluation.calibration.fit_temperature`).
-        class_names: names of the class columns; default the module's or checkpoint's, else the
-            first K ISIC classes.
+        class_names: names of the class columns; default: the model's record (the first K ISIC classes for a
+            bare network).
         skip_errors: log and skip unreadable images instead of raising :class:`DataError`.
         progress: show a tqdm progress bar.
 
@@ -280,7 +241,7 @@ class Predictor:
         model: nn.Module | str | Path,
         image_size: int | None = None,
         normalization: str | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         batch_size: int = 8,
         num_workers: int = 0,
         tta: bool = False,
@@ -291,35 +252,36 @@ class Predictor:
         skip_errors: bool = False,
         progress: bool = True,
     ) -> None:
-        settings: dict[str, Any] = {}
+        from skinfusion.training.module import SkinFusionModule
+
         if isinstance(model, (str, Path)):
-            net, stored_names, settings = _load_model(model)
-        else:
-            hparams = getattr(model, "hparams", None) or {}
-            settings = {k: hparams[k] for k in ("image_size", "normalization") if hparams.get(k) is not None}
-            net = getattr(model, "net", model)
-            stored_names = list(getattr(model, "class_names", None) or []) or None
-        image_size = int(image_size or settings.get("image_size") or DEFAULT_IMAGE_SIZE)
-        normalization = normalization or settings.get("normalization") or DEFAULT_NORMALIZATION
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+            net, settings = load_model(model)
+        elif isinstance(model, SkinFusionModule):
+            net, settings = model.net, model.settings
+        elif isinstance(model, SkinFusionNet):
+            net, settings = model, InferenceSettings(model.config, ISIC_CLASSES[: model.num_classes])
+        else:  # a network of another type: its number of classes, if it says, and the arguments
+            net = model
+            settings = InferenceSettings(class_names=ISIC_CLASSES[: getattr(model, "num_classes", len(ISIC_CLASSES))])
+        settings = replace(
+            settings,
+            image_size=image_size or settings.image_size,
+            normalization=normalization or settings.normalization,
+        )
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a positive number, got {temperature}")
-        if normalization not in ("imagenet", "unit"):
-            raise ValueError(f"normalization must be 'imagenet' or 'unit', got {normalization!r}")
-        num_classes = getattr(net, "num_classes", None)
-        names = list(class_names or stored_names or ISIC_CLASSES[: num_classes or len(ISIC_CLASSES)])
-        if num_classes is not None and getattr(net, "classifier", True) is not None and len(names) != num_classes:
-            raise ValueError(f"{len(names)} class names {names} for a {num_classes}-class network")
+        names = list(class_names or settings.class_names)
+        if len(names) != len(settings.class_names):
+            raise ValueError(f"{len(names)} class names {names} for a {len(settings.class_names)}-class network")
         self.device = _resolve_device(device)
         self.net = net.to(self.device).eval()
         self.class_names = tuple(names)
-        self.image_size = image_size
-        self.normalization = normalization
+        self.image_size = settings.image_size
+        self.normalization = settings.normalization
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.tta = tta or rot90
@@ -328,7 +290,7 @@ class Predictor:
         self.temperature = float(temperature)
         self.skip_errors = skip_errors
         self.progress = progress
-        self.meta_dim = int(getattr(net, "meta_dim", 0) or 0)
+        self.meta_dim = int(settings.net_config.get("meta_dim", 0))
 
     def __repr__(self) -> str:
         return (
@@ -381,7 +343,7 @@ class Predictor:
         """Predict the images of ``records`` in batches (a lazy iterator, in input order)."""
         from tqdm.auto import tqdm
 
-        records = list(records)
+        records = [r for r in records if self._readable(r)]  # every file's header first: fail before any output
         dataset = _ImageDataset(records, self.image_size, self.normalization, meta=self.meta_dim > 0)
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -400,10 +362,27 @@ class Predictor:
                     elif self.skip_errors:
                         log.warning("skipping unreadable image: %s", item["error"])
                     else:
-                        raise item["error"]
+                        raise self._unreadable(item["error"])
                 if good:
                     yield from self._predict_items(good, records)
                 bar.update(len(items))
+
+    def _readable(self, record: Record) -> bool:
+        """Whether the file has a readable image header; if not it raises, or is skipped with ``skip_errors``."""
+        from skinfusion.data.imageio import image_size
+
+        try:
+            image_size(record.image)
+        except DataError as error:
+            if not self.skip_errors:
+                raise self._unreadable(error) from None
+            log.warning("skipping unreadable image: %s", error)
+            return False
+        return True
+
+    @staticmethod
+    def _unreadable(error: DataError) -> DataError:
+        return DataError(error.path, f"{error.reason} (skip_errors=True, or --skip-errors, skips unreadable images)")
 
     def _predict_items(self, items: list[dict[str, Any]], records: Sequence[Record]) -> Iterator[Prediction]:
         images = torch.stack([item["image"] for item in items])
@@ -516,13 +495,12 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="input normalisation (default: checkpoint's)",
     )
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    group.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     group.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
     group.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips (4 views)")
     group.add_argument("--rot90", action="store_true", help="also 90-degree rotations and transposes (8 views)")
     group.add_argument("--temperature", type=float, default=1.0, help="divide class logits by T before softmax")
-    add_no_tuning_flag(group, "~1.1x faster on CPU")
     post = parser.add_argument_group("mask post-processing")
     post.add_argument("--threshold", type=float, default=0.5, help="lesion where probability > this (default: 0.5)")
     post.add_argument("--opening-radius", type=int, default=0, help="morphological opening radius in pixels")
@@ -534,8 +512,11 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predictor_from_args(args: argparse.Namespace) -> Predictor:
     """Build the :class:`Predictor` that :func:`add_predictor_arguments`'s options describe."""
-    if not getattr(args, "no_malloc_tuning", False):
-        tune_malloc()
+    with config_errors():
+        return _predictor_from_args(args)
+
+
+def _predictor_from_args(args: argparse.Namespace) -> Predictor:
     postprocess = PostProcess(
         threshold=args.threshold,
         fill_holes=not args.no_fill_holes,
@@ -569,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Outputs: OUT/masks/<id>_segmentation.png, OUT/predictions.csv, OUT/overlays/<id>_overlay.png, "
-            "OUT/json/<id>.json. Example: skinfusion predict-images --ckpt best.ckpt ISIC2018_Task1-2_Test_Input "
+            "OUT/json/<id>.json. Example: skinfusion predict --ckpt best.ckpt ISIC2018_Task1-2_Test_Input "
             "--out submission --tta --overlays"
         ),
     )
@@ -595,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``skinfusion predict-images``: predict files and write masks, CSV, overlays and JSON.
+    """``skinfusion predict``: predict files and write masks, CSV, overlays and JSON.
 
     Returns:
         The summary of :meth:`Predictor.write` (also printed).
@@ -615,7 +596,3 @@ def predict_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(json.dumps(summary, indent=2))
     return summary
-
-
-if __name__ == "__main__":
-    predict_main()

@@ -175,6 +175,7 @@ class SkinFusionNet(nn.Module):
                 in_features += self.meta.out_features
             self.classifier = ClassifierHead(in_features, num_classes, hidden=classifier_hidden, dropout=dropout)
             initialize_head(self.classifier)
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.meta_dim = meta_dim
 

@@ -8,9 +8,7 @@ import math
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
-from skinfusion import allocator
-
-__all__ = ["ISICTestReport", "MallocTuning", "MetricsSummary"]
+__all__ = ["ISICTestReport", "MetricsSummary"]
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +26,11 @@ class MetricsSummary(pl.Callback):
             "loss",
             "dice",
             "jaccard",
-            "jaccard_thresholded",
-            "acc",
-            "balanced_acc",
+            "threshold_jaccard",
+            "accuracy",
+            "balanced_accuracy",
             "f1_macro",
-            "auroc",
+            "auc",
         ),
     ) -> None:
         self.keys = tuple(keys)
@@ -68,34 +66,6 @@ class MetricsSummary(pl.Callback):
         self._print(trainer, "test", "Test metrics")
 
 
-class MallocTuning(pl.Callback):
-    """Keep freed CPU memory for reuse between steps (glibc): no page-fault churn, faster CPU steps.
-
-    Calls :func:`skinfusion.allocator.tune_malloc` when a run is set up (before the loader workers start, so
-    forked workers inherit it). Measured with ``python benchmarks/bench_allocator.py``: the same training
-    step 1.1-1.2x faster on CPU with bit-identical results; the process keeps its peak memory instead of
-    returning it to the kernel between steps. Nothing happens on non-glibc systems or where the allocator is
-    configured through the environment. Remove the callback from the config to keep glibc's defaults.
-
-    Args:
-        mmap_threshold: bytes; see :func:`~skinfusion.allocator.tune_malloc`.
-        trim_threshold: bytes; see :func:`~skinfusion.allocator.tune_malloc`.
-    """
-
-    def __init__(
-        self,
-        mmap_threshold: int = allocator.DEFAULT_MMAP_THRESHOLD,
-        trim_threshold: int = allocator.DEFAULT_TRIM_THRESHOLD,
-    ) -> None:
-        allocator.check_thresholds(mmap_threshold, trim_threshold)  # at config parsing, not when the run starts
-        self.mmap_threshold = mmap_threshold
-        self.trim_threshold = trim_threshold
-        self.applied = False
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.applied = allocator.tune_malloc(self.mmap_threshold, self.trim_threshold)
-
-
 class ISICTestReport(pl.Callback):
     """After ``skinfusion test``: the official ISIC metrics at the original image resolution, and a report.
 
@@ -123,24 +93,21 @@ class ISICTestReport(pl.Callback):
             return
         from pathlib import Path
 
+        from skinfusion.data.datamodule import SkinFusionDataModule
         from skinfusion.evaluation.report import evaluate
         from skinfusion.inference.predictor import Predictor
 
         datamodule = trainer.datamodule
-        manifest = getattr(datamodule, "manifest", None)
-        if manifest is None and getattr(datamodule, "root", None) is not None:
-            manifest = Path(datamodule.root) / "manifest.csv"
-        if manifest is None:
-            print("ISICTestReport: the DataModule has no manifest; skipped", flush=True)
+        if not isinstance(datamodule, SkinFusionDataModule):
+            print("ISICTestReport: the DataModule is not a SkinFusionDataModule (no manifest); skipped", flush=True)
             return
+        manifest = datamodule.manifest or Path(datamodule.root) / "manifest.csv"
+        # The module's inference record holds the DataModule's input size and normalisation (see its setup).
         predictor = Predictor(
             pl_module,
-            image_size=datamodule.image_size,
-            normalization=datamodule.normalization,
             device=pl_module.device,
             batch_size=datamodule.batch_size,
             tta=self.tta,
-            class_names=getattr(pl_module, "class_names", None),
             progress=trainer.progress_bar_callback is not None,
         )
         out_dir = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "test_report")

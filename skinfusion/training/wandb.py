@@ -32,6 +32,7 @@ from torch.utils.data import default_collate
 
 from skinfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from skinfusion.inference.overlay import heatmap
+from skinfusion.training.module import SkinFusionModule
 
 __all__ = [
     "WandbConfig",
@@ -55,7 +56,10 @@ def _base_url() -> str:
 
 
 def find_wandb_api_key(base_url: str | None = None) -> str | None:
-    """Find W&B credentials the way ``wandb`` does, without prompting or touching the network.
+    """Find W&B credentials the way ``wandb`` does, without prompting, network or wandb's service.
+
+    (``wandb.login(prompt=False)`` answers the same question but starts wandb's service process, which takes
+    seconds, and prints banners; this is a few file reads.)
 
     Looks at ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE`` and the netrc file (``NETRC``, else
     ``~/.netrc`` or ``~/_netrc``) entry of the server's host (``wandb login`` writes it there).
@@ -187,6 +191,7 @@ class WandbLogger(_LightningWandbLogger):
                     run_dir,
                     run_dir / "offline-run-*",
                 )
+        Path(save_dir).mkdir(parents=True, exist_ok=True)  # wandb warns "git root ... does not exist" otherwise
         super().__init__(
             name=name,
             save_dir=save_dir,
@@ -339,8 +344,8 @@ class WandbPanels(pl.Callback):
         every_n_epochs: log every this many validation epochs.
         attention_maps: names of the attention maps to show; ``None``: skip-level and classifier maps
             and the deepest encoder-block map; ``[]``: none.
-        normalization: how the images were normalised; ``"auto"`` reads the DataModule's ``normalization``
-            (``"unit"`` when it has none).
+        normalization: how the images were normalised; ``"auto"``: as the module's inference record says (the
+            DataModule's ``normalization``).
         mask_threshold: probability above which a predicted pixel is lesion.
     """
 
@@ -382,10 +387,12 @@ class WandbPanels(pl.Callback):
                 log.debug("WandbPanels: no WandbLogger among the trainer's loggers; nothing logged")
                 self._said_noop = True
             return
-        class_names = list(getattr(pl_module, "class_names", []) or [])
+        if not isinstance(pl_module, SkinFusionModule):
+            return
+        class_names = pl_module.class_names
         entries: dict[str, Any] = {}
         entries.update(self._image_panels(trainer, pl_module, class_names))
-        confmat = getattr(pl_module, "last_confmat", {}).get("val")
+        confmat = pl_module.last_confmat.get("val")
         if confmat is not None and class_names:
             entries["val/confusion_matrix"] = self._confusion_chart(confmat, class_names)
         table = self._per_class_table(trainer, class_names, confmat)
@@ -401,14 +408,9 @@ class WandbPanels(pl.Callback):
             loaders = loaders[0] if loaders else None
         return getattr(loaders, "dataset", None)
 
-    def _normalization(self, trainer: pl.Trainer) -> str:
-        if self.normalization != "auto":
-            return self.normalization
-        return getattr(getattr(trainer, "datamodule", None), "normalization", None) or "unit"
-
     @torch.no_grad()
     def _image_panels(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, class_names: list[str]
+        self, trainer: pl.Trainer, pl_module: SkinFusionModule, class_names: list[str]
     ) -> dict[str, list[Any]]:
         import wandb
 
@@ -424,10 +426,9 @@ class WandbPanels(pl.Callback):
             return {}
         batch = default_collate([dataset[i] for i in indices])
         batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None:  # e.g. uint8 -> normalised float with data.normalize_on_device
-            batch = datamodule.on_after_batch_transfer(batch, 0)
-        net = getattr(pl_module, "net", pl_module)
+        if trainer.datamodule is not None:  # e.g. uint8 -> normalised float with data.normalize_on_device
+            batch = trainer.datamodule.on_after_batch_transfer(batch, 0)
+        net = pl_module.net
         was_training = net.training
         net.eval()
         # The parameters' dtype, so that "16-true"/"bf16-true" precision works outside autocast.
@@ -440,7 +441,7 @@ class WandbPanels(pl.Callback):
             )
         finally:
             net.train(was_training)
-        normalization = self._normalization(trainer)
+        normalization = pl_module.settings.normalization if self.normalization == "auto" else self.normalization
         images = [denormalize(img, normalization) for img in batch["image"].float().cpu()]
         ids = list(batch.get("id", [str(i) for i in indices]))
         labels = batch.get("label", torch.full((len(indices),), -1)).tolist()
