@@ -113,8 +113,8 @@ def add_malloc_option(parser: argparse.ArgumentParser, default: str) -> None:
         "--malloc",
         choices=("tuned", "glibc"),
         default=default,
-        help=f"tuned: skinfusion.allocator.tune_malloc(), as experiments/base.yaml's MallocTuning and the CLI "
-        f"commands do; glibc: the allocator's defaults, under which page faults land on whatever runs in a "
+        help=f"tuned: skinfusion.allocator.tune_malloc(), as the skinfusion command does; "
+        f"glibc: the allocator's defaults, under which page faults land on whatever runs in a "
         f"given heap state (default: {default}; bench_allocator.py compares the two)",
     )
 

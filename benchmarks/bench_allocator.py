@@ -1,4 +1,4 @@
-"""CPU allocator: glibc's defaults against ``skinfusion.allocator.tune_malloc`` (the ``MallocTuning`` callback).
+"""CPU allocator: glibc's defaults against ``skinfusion.allocator.tune_malloc`` (the ``skinfusion`` command's).
 
     python benchmarks/bench_allocator.py                   # ResNet-18 U-Net 96 px batch 8 + ResNet-50 inference: ~5 min
     python benchmarks/bench_allocator.py --encoder resnet50 --image-size 224 --batch-size 4 --steps 8
@@ -10,7 +10,7 @@ alternating order over ``--rounds`` (A B C D, D C B A, ...). Training variants:
 * ``plain`` / ``plain+tuned``: the hand-written timm + smp loop of ``bench_training.py`` with glibc's defaults /
   after ``tune_malloc()``;
 * ``skinfusion`` / ``skinfusion+tuned``: ``pl.Trainer.fit(SkinFusionModule(...))`` on the same network, data and
-  optimiser (PyTorch's default AdamW), without / with the ``MallocTuning`` callback;
+  optimiser (PyTorch's default AdamW), without / with ``tune_malloc()``;
 * ``skinfusion+tuned+fused``: also skinfusion's default optimiser, fused AdamW: the CPU defaults of
   ``experiments/base.yaml``. Its weights differ from the unfused runs by float rounding only.
 
@@ -68,9 +68,8 @@ def train_worker(args: argparse.Namespace, variant: str) -> dict:
     from bench_training import Bench, PlainSteps, bench_trainer
 
     from skinfusion.allocator import tune_malloc
-    from skinfusion.callbacks import MallocTuning
-    from skinfusion.module import SkinFusionModule
     from skinfusion.nn import SkinFusionNet
+    from skinfusion.training.module import SkinFusionModule
 
     bench_args = argparse.Namespace(
         encoder=args.encoder,
@@ -87,9 +86,9 @@ def train_worker(args: argparse.Namespace, variant: str) -> dict:
     datamodule = bench.datamodule()  # writes the synthetic data set before any tuning or timing
     tuned = "+tuned" in variant
     marks: list[tuple[float, int, float]] = []
+    if tuned:  # before the first step, as the skinfusion command does
+        tune_malloc()
     if variant.startswith("plain"):
-        if tuned:
-            tune_malloc()
         plain = PlainSteps(bench)
         for _ in range(bench.steps):
             plain.step()
@@ -106,7 +105,7 @@ def train_worker(args: argparse.Namespace, variant: str) -> dict:
             args.encoder, attention=None, fusion="none", decoder_channels=bench.decoder_channels, num_classes=7
         )
         module = SkinFusionModule(net) if "+fused" in variant else SkinFusionModule(net, optimizer=loop_adamw)
-        trainer = bench_trainer(bench.device, bench.steps, [Marks()] + ([MallocTuning()] if tuned else []))
+        trainer = bench_trainer(bench.device, bench.steps, [Marks()])
         trainer.fit(module, datamodule=datamodule)
     weights = save_result(net.parameters(), args.out)
     return {**per_step(marks, args.warmup, args.batch_size), "weights": weights}
@@ -214,7 +213,7 @@ def compare(args: argparse.Namespace) -> None:
             pairs = zip(results["skinfusion+tuned+fused"], results["plain"], strict=True)
             tuned = [a["img_s"] / b["img_s"] for a, b in pairs]
             print(
-                "\nskinfusion with base.yaml's CPU defaults (MallocTuning + fused AdamW) vs the plain loop with "
+                "\nskinfusion with base.yaml's CPU defaults (tuned allocator + fused AdamW) vs the plain loop with "
                 f"glibc's and PyTorch's defaults: {median(tuned):.2f}x "
                 f"(per round {min(tuned):.2f}-{max(tuned):.2f})"
             )

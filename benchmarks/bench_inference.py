@@ -12,7 +12,7 @@ it reaches: (images/s x forward FLOPs per image, counted with ``torch.utils.flop
 
 Every variant runs in its own fresh process (so peak memory is its own), in turn, A B C, C B A, ...
 (``--rounds``); ``baseline`` (a process that imports torch and builds the network only) gives the memory that
-every process pays anyway. ONNX and TorchScript files are exported once with ``skinfusion.export``.
+every process pays anyway. ONNX and TorchScript files are exported once with ``skinfusion.inference.export``.
 
 Variants: ``eager`` (``torch.inference_mode``), ``+cl`` (channels_last), ``+bf16`` (autocast), ``torchscript``
 (``torch.jit.trace``), ``torchscript+freeze`` (``torch.jit.optimize_for_inference``), ``compile``
@@ -191,7 +191,7 @@ def main() -> None:
         torch.save([reference.mask_logits, reference.class_logits], workdir / "reference.pth")
         print(f"# inference: SkinFusionNet({args.encoder}, CBAM on skips, mask_pool), {args.image_size} px")
         print(f"# {machine(device)}; device {device}; batch {args.batch_size}; {flops / 1e9:.2f} GFLOPs/img forward")
-        from skinfusion.export import export_onnx, export_torchscript
+        from skinfusion.inference.export import export_onnx, export_torchscript
 
         for kind, path, export in (
             ("onnxruntime", "net.onnx", export_onnx),

@@ -18,13 +18,12 @@ import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
-from _bench import add_malloc_option
+from _bench import add_malloc_option, apply_malloc
 
-from skinfusion.callbacks import MallocTuning
 from skinfusion.data.datamodule import SkinFusionDataModule
-from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
-from skinfusion.reliability import LastCheckpoint
+from skinfusion.training.checkpointing import LastCheckpoint
+from skinfusion.training.module import SkinFusionModule
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
@@ -91,8 +90,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=160)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
-    add_malloc_option(parser, default="tuned")  # applied through the MallocTuning callback, as in base.yaml
+    add_malloc_option(parser, default="tuned")  # tuned, as the skinfusion command runs
     args = parser.parse_args()
+    apply_malloc(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("SKINFUSION_CACHE", str(Path(tmp) / "cache"))
@@ -112,8 +112,7 @@ def main() -> None:
             max_epochs=args.epochs,
             default_root_dir=tmp,
             logger=pl.loggers.CSVLogger(tmp),
-            callbacks=[probe, LastCheckpoint(every_n_train_steps=0)]
-            + ([MallocTuning()] if args.malloc == "tuned" else []),
+            callbacks=[probe, LastCheckpoint(every_n_train_steps=0)],
             enable_progress_bar=False,
             enable_model_summary=False,
         )

@@ -19,8 +19,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from skinfusion.losses import MultiTaskLoss
 from skinfusion.nn import SkinFusionNet
+from skinfusion.training.losses import MultiTaskLoss
 
 #: The switches of experiments/paper/{baseline,attention,fusion,full}.yaml.
 PAPER_CONFIGS = {

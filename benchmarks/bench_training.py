@@ -59,8 +59,8 @@ from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
 from skinfusion.data.datamodule import SkinFusionDataModule
-from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
+from skinfusion.training.module import SkinFusionModule
 
 NUM_CLASSES = 7
 OPTIONS = ("cl", "uint8", "bf16", "fp16", "compile", "pin", "nometrics", "loopadam")

@@ -3,7 +3,7 @@
     python benchmarks/study_real_data.py --ckpt runs/.../last.ckpt --manifest isic2018-cache/manifest.csv
 
 Predicts the ``--split`` images of a prepared manifest once per setting and scores them with the
-official-resolution ISIC metrics (:mod:`skinfusion.metrics.isic`):
+official-resolution ISIC metrics (:mod:`skinfusion.evaluation.isic`):
 
 * Task 1 thresholded Jaccard / Jaccard / Dice with the raw thresholded mask vs each post-processing
   (hole filling, largest component, opening) and all together;
@@ -23,11 +23,12 @@ import json
 import numpy as np
 import torch
 
-from skinfusion.calibration import expected_calibration_error, fit_temperature
 from skinfusion.data.imageio import read_mask
-from skinfusion.metrics.isic import classification_scores, segmentation_scores
-from skinfusion.postprocess import PostProcess
-from skinfusion.predict import Predictor, collect_records
+from skinfusion.evaluation.calibration import expected_calibration_error, fit_temperature
+from skinfusion.evaluation.isic import classification_scores, segmentation_scores
+from skinfusion.inference.inputs import collect_records
+from skinfusion.inference.postprocess import PostProcess
+from skinfusion.inference.predictor import Predictor
 
 POSTPROCESSING = {
     "none (threshold 0.5)": PostProcess(fill_holes=False, largest_component=False, opening_radius=0),

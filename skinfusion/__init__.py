@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "SkinFusionNet": "skinfusion.nn",
     "SkinFusionOutput": "skinfusion.nn.output",
-    "SkinFusionModule": "skinfusion.module",
+    "SkinFusionModule": "skinfusion.training.module",
     "SkinFusionDataModule": "skinfusion.data.datamodule",
-    "MultiTaskLoss": "skinfusion.losses",
-    "Predictor": "skinfusion.predict",
-    "PostProcess": "skinfusion.postprocess",
+    "MultiTaskLoss": "skinfusion.training.losses",
+    "Predictor": "skinfusion.inference.predictor",
+    "PostProcess": "skinfusion.inference.postprocess",
     "Record": "skinfusion.data.records",
 }
 

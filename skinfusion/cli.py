@@ -1,43 +1,44 @@
-"""The ``skinfusion`` command line.
+"""The ``skinfusion`` command line: one name per job, one place that reports errors.
 
-``skinfusion fit|validate|test`` (and ``predict --config``) are LightningCLI subcommands configured from YAML
-(``--config experiments/base.yaml --config experiments/quickstart.yaml``; the last wins);
-``skinfusion prepare`` builds the resized cache and split manifest; ``predict``/``evaluate`` write
-ISIC-format predictions and evaluation reports; ``skinfusion export``
-writes ONNX / TorchScript / safetensors.
+``fit``, ``validate`` and ``test`` are LightningCLI subcommands configured from YAML
+(``--config experiments/base.yaml --config experiments/quickstart.yaml``; the last wins); ``predict`` writes
+ISIC-format predictions for image files, ``evaluate`` scores them, ``prepare`` builds the resized cache and
+split manifest, ``export`` writes ONNX / TorchScript / safetensors.
+
+skinfusion's own errors (bad data, unloadable weights, refused configuration values) end any command with
+one line saying what is wrong and what to do, and exit status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from skinfusion.allocator import tune_malloc
 from skinfusion.data.datamodule import SkinFusionDataModule
-from skinfusion.module import SkinFusionModule
+from skinfusion.errors import SkinFusionError, config_errors
+from skinfusion.training.checkpointing import RNGStateCheckpoint
+from skinfusion.training.module import SkinFusionModule
 
 __all__ = ["SkinFusionCLI", "main"]
 
 #: Commands that are not LightningCLI subcommands: name -> (module, function taking argv).
 _COMMANDS = {
+    "predict": ("skinfusion.inference.predictor", "predict_main"),
+    "evaluate": ("skinfusion.evaluation.report", "evaluate_main"),
     "prepare": ("skinfusion.data.prepare", "prepare_main"),
-    "predict": ("skinfusion.predict", "predict_main"),
-    "predict-images": ("skinfusion.predict", "predict_main"),
-    "evaluate": ("skinfusion.report", "evaluate_main"),
-    "export": ("skinfusion.export", "export_main"),
+    "export": ("skinfusion.inference.export", "export_main"),
     "study": ("skinfusion.evaluation.study", "study_main"),
 }
-#: With one of these, `skinfusion predict` is LightningCLI's predict subcommand.
-_LIGHTNING_FLAGS = ("--config", "-c", "--print_config", "--ckpt_path", "--trainer", "--model", "--data")
 
-_TOP_HELP = """usage: skinfusion [-h] {fit,validate,test,predict,evaluate,prepare,export,study} ...
+_TOP_HELP = """usage: skinfusion [--debug] {fit,validate,test,predict,evaluate,prepare,export,study} ...
 
 Joint lesion segmentation and diagnosis for dermoscopic images.
 
@@ -46,7 +47,7 @@ commands:
   validate   one evaluation epoch on the validation split (LightningCLI, training resolution)
   test       one evaluation epoch on the test split (LightningCLI, training resolution)
   predict    INPUT... --ckpt CKPT --out DIR: ISIC-format masks, class CSV, overlays, JSON at the
-             original image size (with --config: LightningCLI's predict loop instead)
+             original image size
   evaluate   --truth PATH --ckpt CKPT --out DIR: ISIC challenge metrics at the original
              resolution, per-class table, confusion matrix, ROC curves, worst segmentations
   prepare    validate data sources, write a resized cache and a split manifest
@@ -54,96 +55,107 @@ commands:
   study      train variants x seeds under one budget, score them on a held-out split, and compare
              them with paired bootstrap intervals (the paper's ablation; resumable)
 
-`skinfusion COMMAND --help` describes each command.
+`skinfusion COMMAND --help` describes each command; --debug shows tracebacks of skinfusion's errors.
 """
 
 
 class SkinFusionCLI(LightningCLI):
-    """LightningCLI with the data-to-model links skinfusion needs."""
+    """LightningCLI with the data-to-model links skinfusion needs; every run checkpoints atomically and safely.
+
+    Through LightningCLI's ``trainer_defaults``, every run writes and loads checkpoints with
+    :class:`~skinfusion.training.checkpointing.AtomicCheckpointIO` (unless the config names its own plugins) and
+    stores the random states in them (:class:`~skinfusion.training.checkpointing.RNGStateCheckpoint`: exact
+    resume). ``predict`` is not a LightningCLI subcommand here: ``skinfusion predict`` is the file predictor.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault(
+            "trainer_defaults",
+            {
+                "plugins": {"class_path": "skinfusion.training.checkpointing.AtomicCheckpointIO"},
+                "callbacks": [RNGStateCheckpoint()],
+            },
+        )
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.meta_dim", "model.net.init_args.meta_dim", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        # Every run gets atomic, safely loaded checkpoints and RNG states in them (exact resume),
-        # unless the config already chose a CheckpointIO plugin / the callback itself.
-        from skinfusion.reliability import AtomicCheckpointIO, RNGStateCheckpoint
-
-        plugins = config.get("plugins")
-        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
-        config["plugins"] = plugins
-        configured = config.get("callbacks") or []
-        configured = [*(configured if isinstance(configured, list) else [configured]), *callbacks]
-        if not any(isinstance(c, RNGStateCheckpoint) for c in configured):
-            callbacks = [*callbacks, RNGStateCheckpoint()]
-        return super()._instantiate_trainer(config, callbacks)
+    def instantiate_classes(self) -> None:
+        with config_errors():  # a value the classes refuse is the config's fault: one line, not a traceback
+            super().instantiate_classes()
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI copies a checkpoint's hyperparameters into the model config. Read the file safely
-        # (a clear WeightsError for a pickle that would run code) and copy only the module's own plain
-        # arguments: net_config/loss_config/classes are records for from_checkpoint, not CLI options.
+        # Private, and kept: there is no public hook for how LightningCLI reads --ckpt_path's hyperparameters, and
+        # its own version unpickles the file with torch.load (PyTorch's traceback for a refused file) and copies
+        # every hyperparameter into the model config, the inference record and loss config included (which the
+        # parser then rejects). Read it safely (a clear WeightsError) and copy only what a checkpoint restores.
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         from skinfusion.io import load_checkpoint
-        from skinfusion.module import _PLAIN_HPARAMS
 
         hparams = load_checkpoint(ckpt_path).get("hyper_parameters", {})
-        plain = {k: v for k, v in hparams.items() if k in _PLAIN_HPARAMS}
-        if plain:
-            self.config = self.parser.parse_object({self.config.subcommand: {"model": plain}}, self.config)
-
-    def _safe_loading(self) -> None:
-        """Load checkpoints with ``weights_only=True`` unless the command line says ``--weights_only false``."""
-        config = self.config_init[self.subcommand]
-        if config.get("weights_only") is None:
-            config["weights_only"] = True
+        restored = {k: v for k, v in hparams.items() if k in SkinFusionModule.restored_hparams}
+        if restored:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": restored}}, self.config)
 
     def before_fit(self) -> None:
-        self._safe_loading()
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             # Lightning looks for last.ckpt only in this run's new version folder; look in earlier ones too.
-            from skinfusion.reliability import find_last_checkpoint
+            from skinfusion.training.checkpointing import find_last_checkpoint
 
             found = find_last_checkpoint(self.trainer)
             if found is not None:
                 rank_zero_info(f"Resuming from {found}")
                 config["ckpt_path"] = found
 
-    def before_validate(self) -> None:
-        self._safe_loading()
 
-    def before_test(self) -> None:
-        self._safe_loading()
+class _DropTips(logging.Filter):
+    """Lightning's advertisements for its cloud products are not something a user of skinfusion can act on."""
 
-    def before_predict(self) -> None:
-        self._safe_loading()
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+def _quiet() -> None:
+    """Silence what the user cannot act on: messages about how skinfusion calls its libraries."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``skinfusion`` console script (``args=None`` reads ``sys.argv``)."""
     argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_TOP_HELP)
         return
-    command, rest = argv[0], argv[1:]
-    lightning_predict = command == "predict" and any(a.split("=")[0] in _LIGHTNING_FLAGS for a in rest)
-    if command in _COMMANDS and not lightning_predict:
-        module_name, function = _COMMANDS[command]
-        status = getattr(importlib.import_module(module_name), function)(rest)
-        if isinstance(status, int) and not isinstance(status, bool) and status != 0:
-            raise SystemExit(status)  # prepare returns 1 for bad data; the others return their results
-        return
-    SkinFusionCLI(
-        SkinFusionModule,
-        SkinFusionDataModule,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-    )
+    command = argv[0]
+    _quiet()
+    tune_malloc()  # before any loader worker starts, so workers inherit it
+    try:
+        if command in _COMMANDS:
+            module_name, function = _COMMANDS[command]
+            getattr(importlib.import_module(module_name), function)(argv[1:])
+        else:
+            SkinFusionCLI(SkinFusionModule, SkinFusionDataModule, args=argv, save_config_kwargs={"overwrite": True})
+    except SkinFusionError as err:
+        if debug:
+            raise
+        print(f"skinfusion {command}: error: {err}", file=sys.stderr)
+        if err.hint:
+            print(f"  {err.hint} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

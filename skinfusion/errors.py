@@ -1,16 +1,24 @@
 """Exceptions raised by skinfusion.
 
 Every error about user input names the offending file and the reason, so that a bad file is
-found at ``prepare``/``setup`` time rather than hours into training.
+found at ``prepare``/``setup`` time rather than hours into training. The command line reports
+these errors (and only these) as one line with what to do, and exits with status 2.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+__all__ = ["ConfigError", "DataError", "SkinFusionError", "WeightsError", "config_errors"]
 
 
 class SkinFusionError(Exception):
     """Base class of every error skinfusion raises on purpose."""
+
+    #: What to do about it, for the command line.
+    hint = ""
 
 
 class DataError(SkinFusionError, ValueError):
@@ -20,6 +28,8 @@ class DataError(SkinFusionError, ValueError):
         path: the file the problem is about (``None`` when it is about no single file).
         reason: a short human-readable reason, e.g. ``"mask is 512x384 but image is 512x512"``.
     """
+
+    hint = "fix or remove the file; `skinfusion prepare` checks a whole data set and lists every problem"
 
     def __init__(self, path: str | Path | None, reason: str) -> None:
         self.path = None if path is None else str(path)
@@ -32,3 +42,22 @@ class DataError(SkinFusionError, ValueError):
 
 class WeightsError(SkinFusionError, ValueError):
     """A weight file or checkpoint cannot be loaded (wrong keys, shapes, or unsafe content)."""
+
+    hint = "check that the file is a skinfusion checkpoint or export of the network configured"
+
+
+class ConfigError(SkinFusionError, ValueError):
+    """An argument or configuration value that the objects it configures refuse."""
+
+    hint = "`skinfusion COMMAND --help` lists the options (`--print_config` prints a training run's whole config)"
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Turn a ``ValueError`` raised while building objects from the user's configuration into a :class:`ConfigError`."""
+    try:
+        yield
+    except SkinFusionError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err

@@ -1,4 +1,4 @@
-"""Safe loading and saving of weights and checkpoints.
+"""Weights and checkpoints: safe loading, one atomic writer, and the settings that travel with the model.
 
 Nothing here unpickles arbitrary objects: ``.safetensors`` files are read with safetensors,
 everything else with ``torch.load(weights_only=True)``, which refuses any pickle that would
@@ -7,18 +7,81 @@ build an object other than tensors and plain containers.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from skinfusion.errors import WeightsError
 
-__all__ = ["atomic_save", "atomic_write_bytes", "load_checkpoint", "load_state_dict", "save_safetensors"]
+if TYPE_CHECKING:  # torch loads on first use: the atomic writers serve `prepare` too
+    import torch
+
+__all__ = [
+    "InferenceSettings",
+    "atomic_path",
+    "atomic_save",
+    "atomic_write",
+    "load_checkpoint",
+    "load_state_dict",
+    "save_safetensors",
+]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What predict, evaluate and export need besides the weights; every checkpoint and export carries it.
+
+    A :class:`~skinfusion.training.module.SkinFusionModule` keeps it in its hyperparameters (``inference``; the
+    input settings are the DataModule's, read when training starts); exports keep it as metadata.
+
+    Attributes:
+        net_config: the :class:`~skinfusion.nn.SkinFusionNet` arguments that rebuild the network.
+        class_names: names of the class logits, in order.
+        image_size: side of the square network input.
+        normalization: input normalisation, ``"imagenet"`` or ``"unit"``.
+    """
+
+    net_config: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    image_size: int = 224
+    normalization: str = "imagenet"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.normalization not in ("imagenet", "unit"):
+            raise ValueError(f"normalization must be 'imagenet' or 'unit', got {self.normalization!r}")
+        config = {k: v for k, v in self.net_config.items() if k != "pretrained"}  # the weights come with the file
+        object.__setattr__(self, "net_config", config)
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "class_names": list(self.class_names)}
+
+    def to_metadata(self) -> dict[str, str]:
+        """One JSON string per field (safetensors, ONNX and TorchScript metadata)."""
+        return {key: json.dumps(value) for key, value in self.to_dict().items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> InferenceSettings:
+        return cls(**{f.name: json.loads(metadata[f.name]) for f in fields(cls) if f.name in metadata})
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> InferenceSettings:
+        """The record of a skinfusion checkpoint (one written before the record existed: rebuilt from its parts)."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if "inference" in hparams:
+            return cls(**hparams["inference"])
+        data = checkpoint.get("datamodule_hyper_parameters") or {}
+        inputs = {k: data[k] for k in ("image_size", "normalization") if data.get(k) is not None}
+        return cls(hparams.get("net_config") or {}, hparams.get("classes") or (), **inputs)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -28,16 +91,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         WeightsError: the file is missing, not a torch file, or holds objects other than tensors
             and plain containers (a pickle that would execute code is refused here).
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))  # the object it would build, not PyTorch's whole essay
         raise WeightsError(
-            f"{path}: refused to load: it holds Python objects other than tensors and plain "
-            f"containers, which could run code when unpickled ({err}). Only load files you trust; "
-            "re-save them as safetensors or a plain state dict."
+            f"{path}: refused to load: it holds Python objects other than tensors and plain containers"
+            f"{f' ({found[1]})' if found else ''}, which could run code when unpickled. Only load files you trust"
+            " (--weights_only false); re-save them as safetensors or a plain state dict."
         ) from err
     except Exception as err:  # corrupt zip, truncated file, not a torch file...
         raise WeightsError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
@@ -63,6 +129,8 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
             return load_file(str(path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsError(f"{path}: not a readable safetensors file ({err})") from err
+    import torch
+
     obj = load_checkpoint(path, map_location)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -73,43 +141,67 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     return dict(obj)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+def _fsync(path: str | Path) -> None:
+    """Flush a file, or a rename in a folder, to disk (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    A crash leaves either the previous file or the new one, never a truncated file.
+
+@contextmanager
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path``.
+
+    A crash leaves either the previous file or the new one, never a truncated one. The new file gets the
+    mode a plain ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s owner-only ``0o600``,
+    so colleagues and serving processes can read what they could read before.
+
+    Args:
+        path: the file to (re)place; its folder is created.
+        fsync: flush the file and the rename to disk (checkpoints, submission CSVs).
+
+    Example:
+        >>> with atomic_path("model.onnx") as tmp:
+        ...     program.save(tmp)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+        yield Path(tmp)
+        umask = os.umask(0)  # the only way to read it; set straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if fsync:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if fsync:
+            _fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, data: bytes | str, fsync: bool = False) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path, fsync) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+    """``torch.save`` to ``path`` atomically and durably (see :func:`atomic_path`)."""
+    import torch
 
-    A kill during the save leaves the previous file intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_safetensors(
@@ -118,14 +210,6 @@ def save_safetensors(
     """Write a state dict as safetensors, atomically (contiguous CPU copies, shared storage split)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import modelutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,12 @@ def shared_data() -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture
+def tiny_net():
+    """Build the tiny test network: ``tiny_net(**overrides)``, ``tiny_net(seed, **overrides)`` (modelutil.TINY_NET)."""
+    return modelutil.tiny_net
 
 
 def pool_counts(root: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Tiny networks and checkpoints for the predict/report/export tests."""
+"""The tiny test network (the ``tiny_net`` fixture), its command-line form, checkpoints, a stand-in network."""
 
 from __future__ import annotations
 
@@ -7,39 +7,45 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skinfusion.module import SkinFusionModule
 from skinfusion.nn import SkinFusionNet
 from skinfusion.nn.output import SkinFusionOutput
+from skinfusion.training.module import SkinFusionModule
 
-#: test_resnet with CBAM on the skips and before the classifier, narrow decoder; 64 px inputs.
-NET_CONFIG = {
-    "encoder": "test_resnet",
-    "attention": "cbam",
-    "attention_placement": ["skip", "classifier"],
-    "decoder_channels": [32, 16, 16, 8, 8],
-}
+REPO = Path(__file__).resolve().parents[1]
+BASE = REPO / "experiments" / "base.yaml"
+
+#: The tiny network of the CPU tests: timm's test_resnet (one block per stage), CBAM on the skips, a narrow decoder.
+TINY_NET = {"encoder": "test_resnet", "decoder_channels": [16, 16, 8, 8, 8]}
+#: The same network on the command line, on the CPU, after ``--config experiments/base.yaml``.
+TINY_CLI = [
+    "--config",
+    str(BASE),
+    "--model.net.init_args.encoder=test_resnet",
+    "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
+    "--trainer.accelerator=cpu",
+]
+#: The network of the predict/report/export tests: CBAM also before the classifier; 64 px inputs.
+NET_CONFIG = {**TINY_NET, "attention_placement": ["skip", "classifier"], "decoder_channels": [32, 16, 16, 8, 8]}
 ATTENTION_NAMES = ["skip.0", "skip.1", "skip.2", "skip.3", "skip.4", "classifier"]
 IMAGE_SIZE = 64
 
 
+def tiny_net(seed: int | None = None, **overrides) -> SkinFusionNet:
+    """:data:`TINY_NET` with ``overrides``; with a ``seed``, the weights drawn after ``torch.manual_seed(seed)``."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return SkinFusionNet(**{**TINY_NET, **overrides})
+
+
 def make_module(seed: int = 0, **overrides) -> SkinFusionModule:
-    torch.manual_seed(seed)
-    net = SkinFusionNet(**{**NET_CONFIG, **overrides})
-    return SkinFusionModule(net).eval()
+    return SkinFusionModule(tiny_net(seed, **{**NET_CONFIG, **overrides})).eval()
 
 
-def save_ckpt(path: Path, module: SkinFusionModule, config: dict | None = None, **datamodule) -> Path:
-    """Save ``module`` in the format ``SkinFusionModule.from_checkpoint`` reads (a Lightning checkpoint's keys)."""
+def save_ckpt(path: Path, module: SkinFusionModule, **settings) -> Path:
+    """Save ``module`` as a Lightning checkpoint's keys (``from_checkpoint`` reads them), trained at 64 px."""
     hparams = dict(module.hparams)
-    hparams["net_config"] = dict(config or hparams.get("net_config") or NET_CONFIG)
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": hparams,
-            "datamodule_hyper_parameters": {"image_size": IMAGE_SIZE, "normalization": "imagenet", **datamodule},
-        },
-        path,
-    )
+    hparams["inference"] = {**hparams["inference"], "image_size": IMAGE_SIZE, **settings}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
     return path
 
 

@@ -1,4 +1,4 @@
-"""``skinfusion.allocator.tune_malloc`` and the ``MallocTuning`` callback.
+"""``skinfusion.allocator.tune_malloc``, which the ``skinfusion`` command applies for every command.
 
 The allocator settings are process-wide and cannot be undone, so every test that applies them runs a fresh
 Python process. Page faults are the observable: with glibc's defaults a tensor above glibc's largest adaptive mmap
@@ -15,10 +15,8 @@ import sys
 import textwrap
 
 import pytest
-import yaml
 
 from skinfusion import allocator
-from skinfusion.callbacks import MallocTuning
 
 glibc_only = pytest.mark.skipif(not allocator._is_glibc(), reason="mallopt tuning applies to glibc only")
 
@@ -29,7 +27,7 @@ STEP_PAGES = 3 * 40 * 2**20 // 4096
 _FAULTS_SCRIPT = """
 import json, resource
 import torch
-from skinfusion.allocator import tune_malloc, malloc_settings
+from skinfusion.allocator import tune_malloc
 
 def step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -40,7 +38,6 @@ def step():
 result = {"default": [step() for _ in range(4)][2:]}
 result["applied"] = tune_malloc()
 result["tuned"] = [step() for _ in range(8)][-3:]  # the first steps after tuning grow the heap
-result["settings"] = malloc_settings()
 print(json.dumps(result))
 """
 
@@ -66,10 +63,6 @@ def test_tuning_stops_the_page_faults_of_reallocating_freed_memory():
     # glibc's defaults: every step's blocks are unmapped when freed and faulted back in page by page.
     assert min(result["default"]) >= STEP_PAGES * 0.9
     assert result["applied"] is True
-    assert result["settings"] == {
-        "mmap_threshold": allocator.DEFAULT_MMAP_THRESHOLD,
-        "trim_threshold": allocator.DEFAULT_TRIM_THRESHOLD,
-    }
     # Tuned: the freed blocks stay in the heap and are reused.
     assert max(result["tuned"]) < STEP_PAGES * 0.05
 
@@ -78,41 +71,22 @@ def test_tuning_stops_the_page_faults_of_reallocating_freed_memory():
 def test_allocator_settings_from_the_environment_are_respected():
     result = _run(_FAULTS_SCRIPT, env={"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "131072"})
     assert result["applied"] is False
-    assert result["settings"] is None
 
 
 def test_non_glibc_systems_are_left_alone(monkeypatch):
     monkeypatch.setattr(allocator, "_is_glibc", lambda: False)
-    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setattr(allocator, "_tuned", False)
     assert allocator.tune_malloc() is False
-    assert allocator.malloc_settings() is None
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2**31, 1.5, True, "1G"])
-def test_thresholds_are_validated(bad):
-    with pytest.raises(ValueError, match="mmap_threshold"):
-        allocator.tune_malloc(mmap_threshold=bad)
-    with pytest.raises(ValueError, match="trim_threshold"):
-        allocator.tune_malloc(trim_threshold=bad)
-    with pytest.raises(ValueError, match="trim_threshold"):
-        MallocTuning(trim_threshold=bad)  # at config parsing, before any run
+def test_every_command_tunes_the_allocator(monkeypatch):
+    import skinfusion.cli
 
-
-def test_callback_applies_the_tuning_when_a_run_is_set_up(monkeypatch):
     calls = []
-    monkeypatch.setattr(allocator, "tune_malloc", lambda *args: calls.append(args) or True)
-    callback = MallocTuning(mmap_threshold=2**28, trim_threshold=2**29)
-    assert calls == []
-    assert callback.applied is False
-    callback.setup(None, None, "fit")
-    assert calls == [(2**28, 2**29)]
-    assert callback.applied is True
-
-
-def test_base_config_tunes_the_allocator(repo_root):
-    config = yaml.safe_load((repo_root / "experiments" / "base.yaml").read_text())
-    paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
-    assert "skinfusion.callbacks.MallocTuning" in paths
+    monkeypatch.setattr(skinfusion.cli, "tune_malloc", lambda: calls.append(True) or True)
+    with pytest.raises(SystemExit):
+        skinfusion.cli.main(["export", "--help"])
+    assert calls == [True]
 
 
 @glibc_only
@@ -121,14 +95,12 @@ def test_a_training_run_gives_identical_weights_with_and_without_tuning():
     import json, sys
     import pytorch_lightning as pl, torch
     from skinfusion import SkinFusionModule, SkinFusionNet, SkinFusionDataModule
-    from skinfusion.callbacks import MallocTuning
-    tuned = sys.argv[1] == "tuned"
+        tuned = sys.argv[1] == "tuned"
     torch.manual_seed(0)
     module = SkinFusionModule(SkinFusionNet("test_resnet", decoder_channels=[32, 16, 16, 8, 8]))
     data = SkinFusionDataModule(synthetic_samples=24, synthetic_size=64, image_size=48, batch_size=4, num_workers=0)
     pl.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False,
-               callbacks=[MallocTuning()] if tuned else []).fit(module, datamodule=data)
+               enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=data)
     print(json.dumps([float(p.double().sum()) for p in module.parameters()]))
     """
     assert _run(script, "default") == _run(script, "tuned")

@@ -49,7 +49,7 @@ def test_duplicate_registration_is_refused():
 
 
 def test_register_a_new_module(monkeypatch):
-    monkeypatch.setattr(attn_mod, "_ATTENTION", dict(attn_mod._ATTENTION))
+    monkeypatch.setattr(attn_mod._ATTENTION, "_classes", dict(attn_mod._ATTENTION._classes))
 
     @register_attention("half")
     class Half(AttentionModule):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from skinfusion.calibration import expected_calibration_error, fit_temperature, tta_flips, tta_transforms
+from skinfusion.evaluation.calibration import expected_calibration_error, fit_temperature
+from skinfusion.inference.tta import tta_flips, tta_transforms
 
 
 def _overconfident(t_true: float, n: int = 20000, k: int = 5, seed: int = 0):

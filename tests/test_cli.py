@@ -8,6 +8,7 @@ import pytest
 
 from skinfusion.cli import main
 from skinfusion.data.synthetic import write_synthetic
+from skinfusion.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").rglob("*.yaml"))
@@ -106,7 +107,7 @@ def test_links_data_to_model(small_manifest, tmp_path):
     """num_classes / class_names come from the DataModule (here a 3-class label map)."""
     from skinfusion.cli import SkinFusionCLI
     from skinfusion.data.datamodule import SkinFusionDataModule
-    from skinfusion.module import SkinFusionModule
+    from skinfusion.training.module import SkinFusionModule
 
     cli = SkinFusionCLI(
         SkinFusionModule,
@@ -131,9 +132,25 @@ def test_top_level_help(capsys):
         assert command in out
 
 
-def test_missing_manifest_is_a_clear_error(tmp_path):
-    with pytest.raises(Exception, match="nope.csv"):
+def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", *_configs_for(BASE), *TINY, f"--data.manifest={tmp_path / 'nope.csv'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nope.csv: manifest not found" in err
+    assert "Traceback" not in err
+    with pytest.raises(DataError, match="nope.csv"):  # --debug: the error itself, with its traceback
+        main(["--debug", "fit", *_configs_for(BASE), *TINY, f"--data.manifest={tmp_path / 'nope.csv'}"])
+
+
+def test_a_value_the_classes_refuse_is_a_config_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_configs_for(BASE), *TINY, "--model.net.init_args.decoder=false"])  # mask_pool needs it
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs the decoder" in err
+    assert "--help" in err
+    assert "Traceback" not in err
 
 
 def test_test_command_reports_isic_metrics_at_original_resolution(small_manifest, tmp_path, capsys):

@@ -101,7 +101,7 @@ def test_dataset_batch_mixes_mask_only_label_only_and_both(tmp_path):
     records = [
         Record(root / "images/A.png", root / "masks/A_segmentation.png", "MEL", meta={"age": 50.0}),
         Record(root / "images/B.png", root / "masks/B_segmentation.png", None),
-        {"image": str(root / "images/C.png"), "mask": "", "label": "VASC", "id": "C-id", "sex": "male"},
+        Record(root / "images/C.png", None, "VASC", meta={"sex": "male"}),
     ]
     transform = build_transforms("val", 24, "unit")
     dataset = SkinLesionDataset(records, ISIC_CLASSES, transform, use_metadata=True)
@@ -113,7 +113,7 @@ def test_dataset_batch_mixes_mask_only_label_only_and_both(tmp_path):
     assert batch["has_mask"].dtype == torch.bool
     assert batch["label"].tolist() == [0, -1, 6]
     assert batch["label"].dtype == torch.int64
-    assert batch["id"] == ["A", "B", "C-id"]
+    assert batch["id"] == ["A", "B", "C"]
     assert batch["meta"].shape == (3, META_DIM)
     assert batch["meta"][0, 0] == pytest.approx(0.5)
     # the white rectangle covers x 10..19 of 40 and y 7..14 of 30: after resizing to 24 the mask is
@@ -366,7 +366,7 @@ def test_workers_do_not_repeat_augmentations(tmp_path):
     manifest = _write_manifest(tmp_path, rows, columns=[*COLUMNS, "split"])
     dm = SkinFusionDataModule(str(manifest), image_size=32, batch_size=1, num_workers=2, drop_last=False)
     dm.setup("fit")
-    dm.datasets["train"].items *= 4  # the same image four times: workers 0,1,0,1
+    dm.datasets["train"].records *= 4  # the same image four times: workers 0,1,0,1
     masks = [batch["mask"] for batch in dm.train_dataloader()]
     assert not torch.equal(masks[0], masks[1])
 

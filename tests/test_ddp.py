@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed
+from modelutil import TINY_CLI
 
 from skinfusion.data.synthetic import synthetic_rows
 
@@ -25,17 +26,13 @@ def _cli(command: str, save_dir: str, devices: int, *extra: str) -> list[str]:
         "-m",
         "skinfusion",
         command,
-        "--config",
-        str(BASE),
-        "--model.net.init_args.encoder=test_resnet",
-        "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
-        "--trainer.accelerator=cpu",
+        *TINY_CLI,
         f"--trainer.devices={devices}",
         f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
         f"--trainer.logger.save_dir={save_dir}",
-        "--trainer.callbacks=skinfusion.reliability.LastCheckpoint",
+        "--trainer.callbacks=skinfusion.training.checkpointing.LastCheckpoint",
         f"--data.synthetic_samples={SAMPLES}",
         "--data.synthetic_size=32",
         "--data.image_size=32",
@@ -67,7 +64,7 @@ def test_two_process_validation_equals_one_process(tmp_path):
     _run(_cli("validate", "ddp", 2, f"--ckpt_path={checkpoint}"), tmp_path)
     _run(_cli("validate", "single", 1, f"--ckpt_path={checkpoint}"), tmp_path)
     two, one = _val_metrics(tmp_path / "ddp"), _val_metrics(tmp_path / "single")
-    assert {"val/loss", "val/dice", "val/acc", "val/balanced_acc", "val/auroc"} <= one.keys()
+    assert {"val/loss", "val/dice", "val/accuracy", "val/balanced_accuracy", "val/auc"} <= one.keys()
     assert two.keys() == one.keys()
     for name, value in one.items():
         assert two[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

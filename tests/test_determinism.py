@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelutil import TINY_CLI
 
 from skinfusion.cli import main
 from skinfusion.data.datamodule import SkinFusionDataModule
+from skinfusion.data.sampling import EpochSeededDataset, ResumableSampler, UnpaddedDistributedSampler
 from skinfusion.io import load_checkpoint
-from skinfusion.reliability import EpochSeededDataset, ResumableSampler, UnpaddedDistributedSampler
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -110,17 +111,13 @@ def _fit(folder: str) -> tuple[list[dict], dict]:
     main(
         [
             "fit",
-            "--config",
-            str(BASE),
-            "--model.net.init_args.encoder=test_resnet",
-            "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
-            "--trainer.accelerator=cpu",
+            *TINY_CLI,
             "--trainer.max_epochs=2",
             "--trainer.deterministic=true",
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
             f"--trainer.logger.save_dir={folder}",
-            "--trainer.callbacks=skinfusion.reliability.LastCheckpoint",
+            "--trainer.callbacks=skinfusion.training.checkpointing.LastCheckpoint",
             "--data.synthetic_samples=24",
             "--data.synthetic_size=32",
             "--data.image_size=32",

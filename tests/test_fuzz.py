@@ -181,13 +181,12 @@ def test_failing_prepare_leaves_earlier_output_intact(tmp_path_factory, data, vi
         assert {p: b for p, b in after.items() if p in before} == before  # nothing written earlier changed
 
 
-def test_predict_path_raises_only_data_error(tmp_path):
-    predict = pytest.importorskip("skinfusion.predict")
+def test_predict_path_raises_only_data_error(tmp_path, tiny_net):
+    predict = pytest.importorskip("skinfusion.inference.predictor")
     if not hasattr(predict, "Predictor"):
-        pytest.skip("skinfusion.predict has no Predictor yet")
-    from skinfusion.nn import SkinFusionNet
+        pytest.skip("skinfusion.inference.predictor has no Predictor yet")
 
-    net = SkinFusionNet(encoder="test_resnet", decoder_channels=(16, 16, 8, 8, 8))
+    net = tiny_net()
     good = tmp_path / "ISIC_0000001.png"
     Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(good)
     for i, data in enumerate([b"", b"not an image", SEEDS[0][:40], SEEDS[2][:-30]]):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from skinfusion.errors import DataError
-from skinfusion.metrics.isic import (
+from skinfusion.evaluation.isic import (
     CLASSIFICATION_METRICS,
     SEGMENTATION_METRICS,
     BinaryConfusion,
@@ -631,7 +631,7 @@ def test_real_masks_through_low_res_pipeline_equal_official(shared_data, tmp_pat
 
     import cv2
 
-    from skinfusion.postprocess import PostProcess
+    from skinfusion.inference.postprocess import PostProcess
 
     truth_files = sorted((shared_data / "isic2018" / "ISIC2018_Task1_Training_GroundTruth").glob("*.png"))[:25]
     if not truth_files:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from skinfusion.losses import ClassificationLoss, DiceBCELoss, MultiTaskLoss
 from skinfusion.nn.output import SkinFusionOutput
+from skinfusion.training.losses import ClassificationLoss, DiceBCELoss, MultiTaskLoss
 
 
 def sig(v: float) -> float:

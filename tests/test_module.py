@@ -11,23 +11,10 @@ import torch
 
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.errors import WeightsError
-from skinfusion.losses import MultiTaskLoss
-from skinfusion.module import NonFiniteLossError, SkinFusionModule
-from skinfusion.nn import SkinFusionNet
+from skinfusion.training.losses import MultiTaskLoss
+from skinfusion.training.module import NonFiniteLossError, SkinFusionModule
 
 NUM_CLASSES = 3
-
-
-def tiny_net(**kwargs) -> SkinFusionNet:
-    kwargs = {
-        "encoder": "test_resnet",
-        "pretrained": False,
-        "num_classes": NUM_CLASSES,
-        "decoder_channels": (16, 16, 8, 8, 8),
-        "attention": "cbam",
-        **kwargs,
-    }
-    return SkinFusionNet(**kwargs)
 
 
 def batch(n: int = 4, size: int = 64, has_mask=None, label=None) -> dict:
@@ -70,14 +57,14 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
     return pl.Trainer(**kwargs)
 
 
-def test_mixed_batches_log_every_metric(tmp_path):
+def test_mixed_batches_log_every_metric(tmp_path, tiny_net):
     """Mask-only, label-only and both in one batch, and batches with one kind entirely absent."""
     batches = [
         batch(has_mask=[True, False, True, False], label=[0, 1, -1, -1]),
         batch(has_mask=[False] * 4, label=[0, 1, 2, 0]),
         batch(has_mask=[True] * 4, label=[-1] * 4),
     ]
-    module = SkinFusionModule(tiny_net(), class_names=["A", "B", "C"])
+    module = SkinFusionModule(tiny_net(num_classes=NUM_CLASSES), class_names=["A", "B", "C"])
     t = trainer(tmp_path)
     t.fit(module, ListData(batches))
     metrics = t.callback_metrics
@@ -88,17 +75,18 @@ def test_mixed_batches_log_every_metric(tmp_path):
         "val/loss_cls",
         "val/dice",
         "val/jaccard",
-        "val/jaccard_thresholded",
-        "val/acc",
-        "val/balanced_acc",
+        "val/threshold_jaccard",
+        "val/accuracy",
+        "val/balanced_accuracy",
         "val/f1_macro",
-        "val/auroc",
+        "val/auc",
         "val/f1/A",
         "val/precision/C",
         "val/recall/B",
     ):
         assert name in metrics, name
         assert math.isfinite(float(metrics[name])), name
+    assert not {"val/recall_macro", "val/balanced_acc", "val/jaccard_thresholded"} & metrics.keys()  # one name each
 
 
 def test_val_metrics_ignore_unlabelled_and_maskless(tmp_path):
@@ -124,12 +112,15 @@ def test_val_metrics_ignore_unlabelled_and_maskless(tmp_path):
     t = trainer(tmp_path)
     t.validate(module, ListData([b]), verbose=False)
     assert float(t.callback_metrics["val/dice"]) == pytest.approx(1.0)
-    assert float(t.callback_metrics["val/acc"]) == pytest.approx(1.0)
+    assert float(t.callback_metrics["val/accuracy"]) == pytest.approx(1.0)
 
 
-def test_encoder_lr_multiplier_and_param_groups():
+def test_encoder_lr_multiplier_and_param_groups(tiny_net):
     module = SkinFusionModule(
-        tiny_net(), encoder_lr_mult=0.1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), class_names=["A", "B", "C"]
+        tiny_net(num_classes=NUM_CLASSES),
+        encoder_lr_mult=0.1,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        class_names=["A", "B", "C"],
     )
     optimizer = module.configure_optimizers()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -138,8 +129,8 @@ def test_encoder_lr_multiplier_and_param_groups():
     assert n_params == sum(p.numel() for p in module.parameters())
 
 
-def test_freeze_encoder_for_first_epochs(tmp_path):
-    net = tiny_net()
+def test_freeze_encoder_for_first_epochs(tmp_path, tiny_net):
+    net = tiny_net(num_classes=NUM_CLASSES)
     module = SkinFusionModule(net, freeze_encoder_epochs=1, class_names=["A", "B", "C"])
     before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
     t = trainer(tmp_path, max_epochs=1, limit_val_batches=0)
@@ -157,18 +148,18 @@ def test_freeze_encoder_for_first_epochs(tmp_path):
     assert any(not torch.equal(before[k], net.encoder.state_dict()[k]) for k in pretrained_keys)
 
 
-def test_nonfinite_loss_raises_and_names_the_batch(tmp_path):
+def test_nonfinite_loss_raises_and_names_the_batch(tmp_path, tiny_net):
     bad = batch()
     bad["image"][0, 0, 0, 0] = float("nan")
-    module = SkinFusionModule(tiny_net(), class_names=["A", "B", "C"])
+    module = SkinFusionModule(tiny_net(num_classes=NUM_CLASSES), class_names=["A", "B", "C"])
     with pytest.raises(NonFiniteLossError, match="ISIC_0000000"):
         trainer(tmp_path, limit_val_batches=0).fit(module, ListData([bad]))
 
 
-def test_nonfinite_loss_skip_leaves_weights_untouched(tmp_path):
+def test_nonfinite_loss_skip_leaves_weights_untouched(tmp_path, tiny_net):
     bad = batch()
     bad["image"][:] = float("nan")
-    net = tiny_net()
+    net = tiny_net(num_classes=NUM_CLASSES)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     module = SkinFusionModule(net, nonfinite_loss="skip", class_names=["A", "B", "C"])
     trainer(tmp_path, limit_val_batches=0).fit(module, ListData([bad]))
@@ -200,9 +191,9 @@ class CountedData(SkinFusionDataModule):
         return torch.utils.data.DataLoader(self.batches, batch_size=None)
 
 
-def test_auto_class_weights_and_priors_from_datamodule(tmp_path):
+def test_auto_class_weights_and_priors_from_datamodule(tmp_path, tiny_net):
     loss = MultiTaskLoss(class_weights="auto", logit_adjustment=1.0)
-    module = SkinFusionModule(tiny_net(), loss=loss, class_names=["A", "B", "C"])
+    module = SkinFusionModule(tiny_net(num_classes=NUM_CLASSES), loss=loss, class_names=["A", "B", "C"])
     trainer(tmp_path, limit_val_batches=0, max_steps=1).fit(module, CountedData([batch()]))
     # Inverse frequency 1/6, 1/3, 1 scaled to mean 1: times 3 / (1/6 + 1/3 + 1) = 2.
     assert module.loss.cls_loss.class_weights.tolist() == pytest.approx([1 / 3, 2 / 3, 2.0])
@@ -211,25 +202,29 @@ def test_auto_class_weights_and_priors_from_datamodule(tmp_path):
     assert module.hparams["loss_config"]["class_priors"] == pytest.approx([0.6, 0.3, 0.1])
 
 
-def test_auto_weights_and_priors_follow_balanced_sampling(tmp_path):
+def test_auto_weights_and_priors_follow_balanced_sampling(tmp_path, tiny_net):
     """Sampling that balances the classes already leaves nothing for the weights or priors to correct."""
     data = CountedData([batch()])
     data.balanced_sampling = 1.0
     loss = MultiTaskLoss(class_weights="auto", logit_adjustment=1.0)
-    module = SkinFusionModule(tiny_net(), loss=loss, class_names=["A", "B", "C"])
+    module = SkinFusionModule(tiny_net(num_classes=NUM_CLASSES), loss=loss, class_names=["A", "B", "C"])
     trainer(tmp_path, limit_val_batches=0, max_steps=1).fit(module, data)
     assert module.loss.cls_loss.class_weights.tolist() == pytest.approx([1.0, 1.0, 1.0])
     assert module.loss.cls_loss.log_priors.tolist() == pytest.approx([np.log(1 / 3)] * 3, abs=1e-6)
 
 
-def test_auto_class_weights_need_a_skinfusion_datamodule(tmp_path):
-    module = SkinFusionModule(tiny_net(), loss=MultiTaskLoss(class_weights="auto"), class_names=["A", "B", "C"])
+def test_auto_class_weights_need_a_skinfusion_datamodule(tmp_path, tiny_net):
+    module = SkinFusionModule(
+        tiny_net(num_classes=NUM_CLASSES), loss=MultiTaskLoss(class_weights="auto"), class_names=["A", "B", "C"]
+    )
     with pytest.raises(ValueError, match="SkinFusionDataModule"):
         trainer(tmp_path, limit_val_batches=0, max_steps=1).fit(module, ListData([batch()]))
 
 
-def test_from_checkpoint_rebuilds_the_same_model(tmp_path):
-    module = SkinFusionModule(tiny_net(attention_placement=["skip", "classifier"]), class_names=["A", "B", "C"])
+def test_from_checkpoint_rebuilds_the_same_model(tmp_path, tiny_net):
+    module = SkinFusionModule(
+        tiny_net(num_classes=NUM_CLASSES, attention_placement=["skip", "classifier"]), class_names=["A", "B", "C"]
+    )
     t = trainer(tmp_path, limit_val_batches=0, max_steps=2)
     t.fit(module, ListData([batch(), batch()]))
     path = tmp_path / "model.ckpt"
@@ -262,9 +257,9 @@ def test_from_checkpoint_refuses_a_code_running_pickle(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_class_names_must_match_network():
+def test_class_names_must_match_network(tiny_net):
     with pytest.raises(ValueError, match="class names"):
-        SkinFusionModule(tiny_net(), class_names=["A", "B"])
+        SkinFusionModule(tiny_net(num_classes=NUM_CLASSES), class_names=["A", "B"])
 
 
 @pytest.mark.parametrize(
@@ -275,6 +270,6 @@ def test_class_names_must_match_network():
         ({"nonfinite_loss": "ignore"}, "nonfinite_loss"),
     ],
 )
-def test_argument_errors(kwargs, match):
+def test_argument_errors(kwargs, match, tiny_net):
     with pytest.raises(ValueError, match=match):
-        SkinFusionModule(tiny_net(), class_names=["A", "B", "C"], **kwargs)
+        SkinFusionModule(tiny_net(num_classes=NUM_CLASSES), class_names=["A", "B", "C"], **kwargs)

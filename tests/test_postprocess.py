@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from skinfusion.postprocess import PostProcess, resize_probability
+from skinfusion.inference.postprocess import PostProcess, resize_probability
 
 
 def _square(shape=(20, 20), top=5, left=5, size=8, value=0.9, background=0.1):

@@ -1,4 +1,4 @@
-"""skinfusion.predict: masks at the original size the official scorer accepts, the Task 3 CSV, overlays, JSON."""
+"""skinfusion.inference: masks at the original size the official scorer accepts, the Task 3 CSV, overlays, JSON."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from PIL import Image
 
 from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.errors import DataError
-from skinfusion.metrics.isic import score_classification_csvs, score_segmentation_folders
-from skinfusion.postprocess import PostProcess
-from skinfusion.predict import Predictor, collect_records, predict_main
+from skinfusion.evaluation.isic import score_classification_csvs, score_segmentation_folders
+from skinfusion.inference.inputs import collect_records
+from skinfusion.inference.overlay import heatmap
+from skinfusion.inference.postprocess import PostProcess
+from skinfusion.inference.predictor import Predictor, predict_main
 
 # (name, upright width, upright height, how it is stored)
 IMAGES = [
@@ -68,7 +70,7 @@ def test_outputs_accepted_by_official_scorer(tmp_path, ckpt):
 
     sizes = write_images(tmp_path / "images")
     predictor = Predictor(ckpt, batch_size=3, progress=False)
-    assert predictor.image_size == 64  # from the checkpoint's DataModule hyperparameters
+    assert predictor.image_size == 64  # from the checkpoint's inference record
     summary = predictor.write(predictor.predict_paths(tmp_path / "images"), tmp_path / "out")
     assert summary["num_images"] == len(IMAGES)
 
@@ -107,6 +109,40 @@ def test_outputs_accepted_by_official_scorer(tmp_path, ckpt):
     )
     ours_cls = score_classification_csvs(tmp_path / "out" / "predictions.csv", truth_csv)
     assert ours_cls["balanced_accuracy"] == pytest.approx(official_cls.overall, abs=1e-12)
+
+
+def test_inference_settings_travel_with_the_checkpoint(tmp_path, tiny_net):
+    """A trained checkpoint records the DataModule's input size and normalisation, which predict and export use;
+    a checkpoint written before the record existed is read from its parts."""
+    import pytorch_lightning as pl
+    import torch
+    from safetensors import safe_open
+
+    from skinfusion.data.datamodule import SkinFusionDataModule
+    from skinfusion.inference.export import export_main
+    from skinfusion.training.module import SkinFusionModule
+
+    data = SkinFusionDataModule(
+        synthetic_samples=16, synthetic_size=32, image_size=48, normalization="unit", batch_size=4, num_workers=0
+    )
+    module = SkinFusionModule(tiny_net(), class_names=list(ISIC_CLASSES))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    predictor = Predictor(tmp_path / "trained.ckpt", progress=False)
+    assert (predictor.image_size, predictor.normalization) == (48, "unit")
+    export_main(["--ckpt", str(tmp_path / "trained.ckpt"), "--format", "safetensors", "--out", str(tmp_path / "m.st")])
+    with safe_open(str(tmp_path / "m.st"), framework="pt") as handle:
+        assert json.loads(handle.metadata()["image_size"]) == 48
+        assert json.loads(handle.metadata()["normalization"]) == "unit"
+
+    ckpt = torch.load(tmp_path / "trained.ckpt", weights_only=True)
+    record = ckpt["hyper_parameters"].pop("inference")
+    ckpt["hyper_parameters"].update(net_config=record["net_config"], classes=record["class_names"])
+    ckpt["datamodule_hyper_parameters"] = {"image_size": 40, "normalization": "unit"}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    old = Predictor(tmp_path / "old.ckpt", progress=False)
+    assert (old.image_size, old.normalization, list(old.class_names)) == (40, "unit", list(ISIC_CLASSES))
 
 
 def test_mask_follows_the_upright_image_at_original_size(tmp_path):
@@ -255,6 +291,32 @@ def test_unreadable_image(tmp_path):
     assert [r.id for r in results] == ["good"]
 
 
+def test_predict_command_on_a_folder_with_bad_files(tmp_path, ckpt, capsys):
+    """Good images, a truncated JPEG and a text file named .jpg: one line naming a bad file and --skip-errors,
+    exit 2 and nothing written; with --skip-errors the good images are predicted."""
+    from skinfusion.cli import main
+
+    for k in range(3):
+        save(tmp_path / "in" / f"ISIC_000000{k}.jpg", rgb(40, 30, k), quality=95)
+    jpeg = (tmp_path / "in" / "ISIC_0000001.jpg").read_bytes()
+    (tmp_path / "in" / "ISIC_0000005.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (tmp_path / "in" / "ISIC_0000006.jpg").write_text("not an image")
+    command = ["predict", str(tmp_path / "in"), "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "ISIC_0000006.jpg" in err
+    assert "--skip-errors" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # every header is read before anything is predicted
+    main([*command, "--skip-errors"])
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == [
+        f"ISIC_000000{k}_segmentation.png" for k in range(3)
+    ]
+    assert len((tmp_path / "out" / "predictions.csv").read_text().splitlines()) == 4
+
+
 def test_predictor_arguments_are_checked():
     with pytest.raises(ValueError, match="temperature"):
         Predictor(ColourNet(), temperature=0.0)
@@ -360,13 +422,12 @@ def test_real_isic_originals_at_full_resolution(tmp_path, shared_data, ckpt):
     assert 0.0 <= score.macro_average["jaccard"] <= 1.0
 
 
-@pytest.mark.parametrize("flag", [[], ["--no-malloc-tuning"]])
-def test_predict_cli_tunes_the_allocator_unless_told_not_to(tmp_path, ckpt, monkeypatch, flag):
-    import skinfusion.predict as predict_module
-
-    calls = []
-    monkeypatch.setattr(predict_module, "tune_malloc", lambda: calls.append(True) or True)
-    args = predict_module.build_parser().parse_args(["x.jpg", "--ckpt", str(ckpt), "--out", str(tmp_path), *flag])
-    predictor = predict_module.predictor_from_args(args)
-    assert isinstance(predictor, predict_module.Predictor)
-    assert calls == ([] if flag else [True])
+def test_heatmap_shape_and_blend():
+    image = np.zeros((8, 8, 3), np.uint8)
+    attention = np.zeros((2, 2), np.float32)
+    attention[0, 0] = 1.0
+    heat = heatmap(image, attention, alpha=1.0)
+    assert heat.shape == (8, 8, 3)
+    assert heat.dtype == np.uint8
+    assert not np.array_equal(heat[0, 0], heat[7, 7])  # top-left is the hot corner
+    np.testing.assert_array_equal(heatmap(image, attention, alpha=0.0), image)

@@ -13,6 +13,7 @@ from conftest import pool_counts
 from imgutil import disk, make_task1, make_task3, rgb, save
 from PIL import Image
 
+from skinfusion.cli import main
 from skinfusion.data.prepare import MANIFEST_COLUMNS, parse_source, prepare, prepare_main
 from skinfusion.data.readers import ManifestReader
 from skinfusion.errors import DataError
@@ -190,13 +191,17 @@ def test_cli_and_workers(tree, tmp_path, capsys):
     argv = ["--out", str(out), "--size", "32", "--workers", "2", "--no-progress", "--seed", "1"]
     for s in _sources(tree):
         argv += ["--source", s]
-    assert prepare_main(argv) == 0
+    main(["prepare", *argv])
     printed = capsys.readouterr().out
     assert "7/7 records accepted, 0 rejected" in printed
     assert len(_rows(out)) == 7
     (tree / "diag.csv").write_text("image,label\nISIC_0000001,XYZ\n")
-    assert prepare_main(argv) == 1
-    assert "unknown class 'XYZ'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown class 'XYZ'" in err
+    assert "Traceback" not in err
 
 
 def test_synthetic_source_keeps_its_split(tmp_path):
@@ -272,18 +277,17 @@ def test_process_pool_gives_the_same_cache_as_in_process(tree, tmp_path, monkeyp
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
-@pytest.mark.parametrize("flag", [[], ["--no-malloc-tuning"]])
-def test_cli_tunes_the_decoding_allocator_unless_told_not_to(tree, tmp_path, monkeypatch, flag):
+def test_cli_tunes_the_decoding_allocator(tree, tmp_path, monkeypatch):
     import skinfusion.data.prepare as prepare_module
 
     calls = []
     monkeypatch.setattr(prepare_module, "tune_malloc", lambda: calls.append(True) or True)
-    argv = ["--out", str(tmp_path / "cache"), "--size", "32", "--workers", "1", "--no-progress", *flag]
+    argv = ["--out", str(tmp_path / "cache"), "--size", "32", "--workers", "1", "--no-progress"]
     for s in _sources(tree):
         argv += ["--source", s]
-    assert prepare_main(argv) == 0
+    prepare_main(argv)
     assert len(_rows(tmp_path / "cache")) == 7
-    assert calls == ([] if flag else [True])
+    assert calls == [True]
 
 
 def test_python_api_leaves_the_allocator_alone_by_default(tree, tmp_path, monkeypatch):

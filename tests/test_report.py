@@ -1,4 +1,4 @@
-"""skinfusion.report: metrics.json, per-class table, plots and worst-segmentation gallery."""
+"""skinfusion.evaluation.report: metrics.json, per-class table, plots and worst-segmentation gallery."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 
 from skinfusion.data.records import ISIC_CLASSES
 from skinfusion.errors import DataError
-from skinfusion.predict import Predictor
-from skinfusion.report import evaluate, evaluate_main
+from skinfusion.evaluation.report import evaluate, evaluate_main
+from skinfusion.inference.predictor import Predictor
 
 
 def half_mask(w: int, h: int, cols: int) -> np.ndarray:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelutil import TINY_CLI
 
 from skinfusion.io import load_checkpoint
-from skinfusion.reliability import AtomicCheckpointIO
+from skinfusion.training.checkpointing import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -38,7 +39,7 @@ trainer:
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
       init_args: {{monitor: val/loss, mode: min, save_top_k: 1}}
-    - class_path: skinfusion.reliability.LastCheckpoint
+    - class_path: skinfusion.training.checkpointing.LastCheckpoint
       init_args: {{every_n_train_steps: 1}}
 model:
   net:
@@ -126,7 +127,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 _SAVER = """
 import sys, torch
-from skinfusion.reliability import AtomicCheckpointIO
+from skinfusion.training.checkpointing import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 for i in range(1000):
     io.save_checkpoint({"version": i, "weights": torch.full((4_000_000,), float(i))}, sys.argv[1])
@@ -171,19 +172,15 @@ def test_save_does_not_touch_target_until_complete(tmp_path, monkeypatch):
 def test_cli_trainer_uses_atomic_checkpoint_io_and_rng_callback(tmp_path):
     from skinfusion.cli import SkinFusionCLI
     from skinfusion.data.datamodule import SkinFusionDataModule
-    from skinfusion.module import SkinFusionModule
-    from skinfusion.reliability import RNGStateCheckpoint
+    from skinfusion.training.checkpointing import RNGStateCheckpoint
+    from skinfusion.training.module import SkinFusionModule
 
     cli = SkinFusionCLI(
         SkinFusionModule,
         SkinFusionDataModule,
         run=False,
         args=[
-            "--config",
-            str(BASE),
-            "--model.net.init_args.encoder=test_resnet",
-            "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
-            "--trainer.accelerator=cpu",
+            *TINY_CLI,
             "--trainer.logger=false",
             "--data.synthetic_samples=20",
         ],
@@ -201,18 +198,14 @@ def _nan_run(tmp_path: Path, nonfinite: str) -> None:
     main(
         [
             "fit",
-            "--config",
-            str(BASE),
-            "--model.net.init_args.encoder=test_resnet",
-            "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
+            *TINY_CLI,
             "--model.optimizer.init_args.lr=1e30",  # the first step blows the weights up; later losses are NaN/Inf
             f"--model.nonfinite_loss={nonfinite}",
-            "--trainer.accelerator=cpu",
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
             f"--trainer.logger.save_dir={tmp_path / 'runs'}",
-            "--trainer.callbacks=skinfusion.reliability.LastCheckpoint",
+            "--trainer.callbacks=skinfusion.training.checkpointing.LastCheckpoint",
             "--trainer.callbacks.every_n_train_steps=1",
             "--data.synthetic_samples=24",
             "--data.synthetic_size=32",
@@ -223,11 +216,13 @@ def _nan_run(tmp_path: Path, nonfinite: str) -> None:
     )
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    from skinfusion.module import NonFiniteLossError, SkinFusionModule
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    from skinfusion.training.module import SkinFusionModule
 
-    with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
+    with pytest.raises(SystemExit) as exit_info:
         _nan_run(tmp_path, "raise")
+    assert exit_info.value.code == 2
+    assert "non-finite training loss" in capsys.readouterr().err
     (last,) = tmp_path.glob("runs/**/last.ckpt")
     checkpoint = load_checkpoint(last)
     assert checkpoint["global_step"] >= 1  # the steps before the NaN were saved...
@@ -236,7 +231,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nonfinite_loss_skip_option_finishes(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="skinfusion.module"):
+    with caplog.at_level("WARNING", logger="skinfusion.training.module"):
         _nan_run(tmp_path, "skip")
     assert "skipping step" in caplog.text
     (last,) = tmp_path.glob("runs/**/last.ckpt")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelutil import TINY_CLI
 
 from skinfusion.errors import WeightsError
-from skinfusion.module import SkinFusionModule
-from skinfusion.nn import SkinFusionNet
-from skinfusion.reliability import AtomicCheckpointIO
+from skinfusion.training.checkpointing import AtomicCheckpointIO
+from skinfusion.training.module import SkinFusionModule
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -28,11 +28,11 @@ class _Payload:
 
 
 @pytest.fixture
-def malicious(tmp_path) -> tuple[Path, Path]:
+def malicious(tmp_path, tiny_net) -> tuple[Path, Path]:
     """A Lightning-looking checkpoint with a code-running object inside, and the file it would create."""
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    net = SkinFusionNet(encoder="test_resnet", decoder_channels=(16, 16, 8, 8, 8))
+    net = tiny_net()
     torch.save(
         {
             "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
@@ -56,10 +56,10 @@ def test_from_checkpoint_refuses_code(malicious):
     assert not marker.exists()
 
 
-def test_pretrained_file_refuses_code(malicious):
+def test_pretrained_file_refuses_code(malicious, tiny_net):
     path, marker = malicious
     with pytest.raises(WeightsError, match="refused to load"):
-        SkinFusionNet(encoder="test_resnet", pretrained=str(path), decoder_channels=(16, 16, 8, 8, 8))
+        tiny_net(pretrained=str(path))
     assert not marker.exists()
 
 
@@ -73,19 +73,15 @@ def test_checkpoint_io_refuses_code(malicious):
 
 
 @pytest.mark.parametrize("command", ["fit", "validate"])
-def test_cli_resume_and_evaluation_refuse_code(malicious, command):
+def test_cli_resume_and_evaluation_refuse_code(malicious, command, capsys):
     from skinfusion.cli import main
 
     path, marker = malicious
-    with pytest.raises(WeightsError, match="refused to load"):
+    with pytest.raises(SystemExit) as exit_info:
         main(
             [
                 command,
-                "--config",
-                str(BASE),
-                "--model.net.init_args.encoder=test_resnet",
-                "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
-                "--trainer.accelerator=cpu",
+                *TINY_CLI,
                 "--trainer.logger=false",
                 "--trainer.max_epochs=1",
                 "--data.synthetic_samples=20",
@@ -95,17 +91,23 @@ def test_cli_resume_and_evaluation_refuse_code(malicious, command):
                 f"--ckpt_path={path}",
             ]
         )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("refused to load") == 1  # one clear message: no traceback, no PyTorch essay
+    assert "posix.system" in err
+    assert "Traceback" not in err
+    assert "file an issue" not in err.lower()
     assert not marker.exists()
 
 
-def test_trainer_resume_path_refuses_code(malicious):
+def test_trainer_resume_path_refuses_code(malicious, tiny_net):
     """Lightning's own resume path (Trainer.fit(ckpt_path=...)) goes through the plugin."""
     import pytorch_lightning as pl
 
     from skinfusion.data.datamodule import SkinFusionDataModule
 
     path, marker = malicious
-    module = SkinFusionModule(SkinFusionNet(encoder="test_resnet", decoder_channels=(16, 16, 8, 8, 8)))
+    module = SkinFusionModule(tiny_net())
     data = SkinFusionDataModule(synthetic_samples=20, synthetic_size=32, image_size=32, num_workers=0)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, plugins=[AtomicCheckpointIO()]
@@ -115,8 +117,8 @@ def test_trainer_resume_path_refuses_code(malicious):
     assert not marker.exists()
 
 
-def test_safe_checkpoints_still_load(tmp_path):
-    net = SkinFusionNet(encoder="test_resnet", decoder_channels=(16, 16, 8, 8, 8))
+def test_safe_checkpoints_still_load(tmp_path, tiny_net):
+    net = tiny_net()
     path = tmp_path / "ok.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": net.state_dict(), "epoch": 3}, path)
     loaded = AtomicCheckpointIO().load_checkpoint(path)
@@ -124,14 +126,14 @@ def test_safe_checkpoints_still_load(tmp_path):
     assert all(torch.equal(loaded["state_dict"][k], v) for k, v in net.state_dict().items())
 
 
-def test_exported_weights_are_safetensors(tmp_path):
+def test_exported_weights_are_safetensors(tmp_path, tiny_net):
     from safetensors import safe_open
 
-    from skinfusion.export import export_safetensors
+    from skinfusion.inference.export import export_safetensors
 
-    net = SkinFusionNet(encoder="test_resnet", decoder_channels=(16, 16, 8, 8, 8))
+    net = tiny_net()
     path = tmp_path / "model.safetensors"
-    export_safetensors(SkinFusionModule(net), path)
+    export_safetensors(net, path)
     with safe_open(str(path), "pt") as f:  # raises on anything that is not safetensors
         keys = set(f.keys())
     assert keys

@@ -13,21 +13,20 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from modelutil import tiny_net
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, normalize_tensor
-from skinfusion.losses import MultiTaskLoss
-from skinfusion.module import SkinFusionModule
-from skinfusion.nn import SkinFusionNet
+from skinfusion.training.losses import MultiTaskLoss
+from skinfusion.training.module import SkinFusionModule
 
-NET = {"encoder": "test_resnet", "attention": "cbam", "decoder_channels": [32, 16, 16, 8, 8]}
+NET = {"decoder_channels": [32, 16, 16, 8, 8]}
 SIZE = 64
 
 
 def _module(seed: int = 0, **options) -> SkinFusionModule:
-    torch.manual_seed(seed)
-    return SkinFusionModule(SkinFusionNet(**NET), **options)
+    return SkinFusionModule(tiny_net(seed, **NET), **options)
 
 
 def _batch(n: int = 4, seed: int = 0) -> dict:
@@ -255,7 +254,7 @@ class _RecordsInferenceMode(SkinFusionModule):
 
 def test_validate_and_predict_run_in_inference_mode(tmp_path):
     torch.manual_seed(0)
-    module = _RecordsInferenceMode(SkinFusionNet(**NET), loss=MultiTaskLoss())
+    module = _RecordsInferenceMode(tiny_net(**NET), loss=MultiTaskLoss())
     dm = _datamodule(predict_split="val")
     trainer = _trainer(tmp_path, limit_val_batches=1, limit_predict_batches=1)
     trainer.validate(module, datamodule=dm, verbose=False)
@@ -346,8 +345,8 @@ def test_train_metrics_off_logs_losses_but_no_training_metrics(tmp_path):
         trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
         trainer.fit(module, datamodule=_datamodule())
         results[flag] = set(trainer.callback_metrics)
-    assert {"train/loss_epoch", "train/dice", "train/acc"} <= results[True]
+    assert {"train/loss_epoch", "train/dice", "train/accuracy"} <= results[True]
     assert "train/loss_epoch" in results[False]
     assert not {k for k in results[False] if k.startswith("train/") and "loss" not in k}
     # Validation metrics are unaffected.
-    assert {"val/dice", "val/acc"} <= results[False]
+    assert {"val/dice", "val/accuracy"} <= results[False]

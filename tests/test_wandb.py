@@ -22,10 +22,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from modelutil import TINY_CLI
 
-from skinfusion import loggers as sf_loggers
-from skinfusion.loggers import WandbLogger, find_wandb_api_key, server_reachable
-from skinfusion.visual import WandbPanels, attention_heatmap, denormalize, panel_indices
+from skinfusion.training import wandb as sf_loggers
+from skinfusion.training.wandb import (
+    WandbLogger,
+    WandbPanels,
+    denormalize,
+    find_wandb_api_key,
+    panel_indices,
+    server_reachable,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -105,19 +112,14 @@ def fit_run(tmp_path_factory) -> dict[str, Any]:
         mp.setenv("NETRC", str(root / "no-netrc"))  # no credentials anywhere: the fallback must kick in
         mp.setenv("WANDB_SILENT", "true")
         mp.setenv("SKINFUSION_CACHE", str(root / "cache"))
-        logging.getLogger("skinfusion.loggers").addHandler(handler)
+        logging.getLogger("skinfusion.training.wandb").addHandler(handler)
         wandb.finish()  # a run left open by an earlier test would otherwise be reused
         start = time.perf_counter()
         try:
             main(
                 [
                     "fit",
-                    "--config",
-                    str(BASE),
-                    "--model.net.init_args.encoder=test_resnet",
-                    "--model.net.init_args.pretrained=false",
-                    "--model.net.init_args.decoder_channels=[16,16,8,8,8]",
-                    "--trainer.accelerator=cpu",
+                    *TINY_CLI,
                     f"--trainer.max_epochs={EPOCHS}",
                     "--trainer.log_every_n_steps=1",
                     "--trainer.enable_progress_bar=false",
@@ -130,7 +132,7 @@ def fit_run(tmp_path_factory) -> dict[str, Any]:
             )
         finally:
             wandb.finish()
-            logging.getLogger("skinfusion.loggers").removeHandler(handler)
+            logging.getLogger("skinfusion.training.wandb").removeHandler(handler)
         seconds = time.perf_counter() - start  # noqa: F841  (handy when debugging)
         runs = sorted((root / "runs" / "wandb").glob("offline-run-*"))
         datamodule = SkinFusionDataModule(manifest=str(manifest), image_size=64, num_workers=0, augment=False)
@@ -287,7 +289,7 @@ def http_server():
 
 
 def test_fallback_without_api_key(no_credentials, caplog):
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(save_dir="runs")
     assert logger._wandb_init["mode"] == "offline"
     assert logger.offline_mode
@@ -299,7 +301,7 @@ def test_fallback_without_api_key(no_credentials, caplog):
 def test_fallback_when_server_unreachable(no_credentials, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(log_model=True)
     assert logger._wandb_init["mode"] == "offline"
     assert "cannot reach" in logger.fallback_reason
@@ -313,7 +315,7 @@ def test_online_when_key_and_server_are_there(no_credentials, http_server, monke
     monkeypatch.setenv("WANDB_BASE_URL", http_server)
     assert find_wandb_api_key() == "k" * 40
     assert server_reachable(http_server, timeout=2.0)
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger()
     assert "mode" not in logger._wandb_init
     assert logger.fallback_reason is None
@@ -324,7 +326,7 @@ def test_online_when_key_and_server_are_there(no_credentials, http_server, monke
 def test_user_wandb_mode_is_obeyed_without_checks(no_credentials, monkeypatch, caplog, mode):
     monkeypatch.setenv("WANDB_MODE", mode)
     monkeypatch.setattr(sf_loggers, "server_reachable", lambda *a, **k: pytest.fail("no check expected"))
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger()
     assert "mode" not in logger._wandb_init
     assert logger.fallback_reason is None
@@ -332,7 +334,7 @@ def test_user_wandb_mode_is_obeyed_without_checks(no_credentials, monkeypatch, c
 
 
 def test_explicit_offline_has_no_message(no_credentials, caplog):
-    with caplog.at_level(logging.WARNING, logger="skinfusion.loggers"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(offline=True)
     assert logger.offline_mode
     assert not caplog.records
@@ -353,7 +355,7 @@ def test_panels_noop_without_wandb_logger(caplog):
 
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, loggers=[CSVLogger("runs")])
     callback = WandbPanels()
-    with caplog.at_level(logging.DEBUG, logger="skinfusion.visual"):
+    with caplog.at_level(logging.DEBUG, logger="skinfusion.training.wandb"):
         callback.on_validation_end(trainer, SimpleNamespace())
         callback.on_validation_end(trainer, SimpleNamespace())
     assert len(caplog.records) == 1
@@ -376,17 +378,6 @@ def test_denormalize():
     np.testing.assert_array_equal(denormalize(torch.full((3, 1, 1), 2.0), "unit")[0, 0], [255, 255, 255])
     with pytest.raises(ValueError, match="normalization"):
         denormalize(image, "zscore")
-
-
-def test_attention_heatmap_shape_and_blend():
-    image = np.zeros((8, 8, 3), np.uint8)
-    attention = torch.zeros(1, 2, 2)
-    attention[0, 0, 0] = 1.0
-    heat = attention_heatmap(image, attention, alpha=1.0)
-    assert heat.shape == (8, 8, 3)
-    assert heat.dtype == np.uint8
-    assert not np.array_equal(heat[0, 0], heat[7, 7])  # top-left is the hot corner
-    np.testing.assert_array_equal(attention_heatmap(image, attention, alpha=0.0), image)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from skinfusion.data.records import ISIC_CLASSES, META_KEYS, Record
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
-    # A1: image I/O, readers, validation, split, prepare
+    # image I/O, readers, validation, split, prepare
     "read_image": "skinfusion.data.imageio",
     "read_mask": "skinfusion.data.imageio",
     "image_size": "skinfusion.data.imageio",
@@ -26,7 +26,7 @@ _LAZY: dict[str, str] = {
     "validate_records": "skinfusion.data.validate",
     "assign_splits": "skinfusion.data.split",
     "prepare": "skinfusion.data.prepare",
-    # A2: synthetic data, transforms, Dataset, DataModule
+    # synthetic data, transforms, Dataset, DataModule
     "make_lesion": "skinfusion.data.synthetic",
     "write_synthetic": "skinfusion.data.synthetic",
     "synthetic_records": "skinfusion.data.synthetic",

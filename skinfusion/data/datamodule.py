@@ -22,10 +22,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from skinfusion.data.dataset import META_DIM, SkinLesionDataset
 from skinfusion.data.records import ISIC_CLASSES, Record
-from skinfusion.data.synthetic import SYNTHETIC_VERSION, synthetic_records, write_synthetic
-from skinfusion.data.transforms import build_transforms, normalize_tensor
-from skinfusion.errors import DataError
-from skinfusion.reliability import (
+from skinfusion.data.sampling import (
     EpochSeededDataset,
     ResumableSampler,
     UnpaddedDistributedSampler,
@@ -34,6 +31,9 @@ from skinfusion.reliability import (
     mixed_seed,
     resume_position,
 )
+from skinfusion.data.synthetic import SYNTHETIC_VERSION, synthetic_records, write_synthetic
+from skinfusion.data.transforms import build_transforms, normalize_tensor
+from skinfusion.errors import DataError
 
 __all__ = ["SkinFusionDataModule", "seed_worker"]
 
@@ -231,7 +231,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         A class with no training image gets weight 0 (it never occurs as a target); with ``balanced_sampling``
         true every present class gets 1 (the sampler has balanced them already).
         """
-        from skinfusion.losses import inverse_frequency
+        from skinfusion.training.losses import inverse_frequency
 
         return inverse_frequency(self.class_frequencies)
 
@@ -470,7 +470,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         """Training batches in an order fixed by ``(seed, epoch)``, augmented with seeds ``(seed, epoch, index)``.
 
         A fit resumed from a mid-epoch checkpoint continues with the batches that epoch had not yet
-        consumed (see :mod:`skinfusion.reliability`); under DDP each process takes its shard.
+        consumed (see :mod:`skinfusion.data.sampling`); under DDP each process takes its shard.
         """
         if "train" not in self.datasets:
             raise RuntimeError("call setup() before asking for the train dataloader")

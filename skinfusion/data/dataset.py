@@ -1,11 +1,10 @@
-"""The map-style Dataset: one Record (or manifest row) in, one sample of the Batch contract out."""
+"""The map-style Dataset: one Record in, one sample of the Batch contract out."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,32 +90,6 @@ def encode_metadata(meta: Mapping[str, Any]) -> np.ndarray:
     return vector
 
 
-class Item(NamedTuple):
-    """What the Dataset needs of one image (paths absolute or relative to the working directory)."""
-
-    id: str
-    image: Path
-    mask: Path | None
-    label: str | None
-    meta: dict[str, Any]
-
-
-def to_item(entry: Record | Mapping[str, Any]) -> Item:
-    """Normalise a :class:`Record` or a manifest row (dict with ``image``, optional ``mask``, ``label``,
-    ``id``, ``age``, ``sex``, ``site``) to an :class:`Item`. Empty strings count as missing."""
-    if isinstance(entry, Record):
-        mask = Path(entry.mask) if entry.mask else None
-        return Item(entry.id, Path(entry.image), mask, entry.label or None, dict(entry.meta))
-    if not isinstance(entry, Mapping) or _is_missing(entry.get("image")):
-        raise ValueError(f"expected a Record or a manifest row with an 'image', got {entry!r}")
-    image = Path(str(entry["image"]))
-    mask = None if _is_missing(entry.get("mask")) else Path(str(entry["mask"]))
-    label = None if _is_missing(entry.get("label")) else str(entry["label"]).strip()
-    sample_id = image.stem if _is_missing(entry.get("id")) else str(entry["id"])
-    meta = {key: entry[key] for key in ("age", "sex", "site") if not _is_missing(entry.get(key))}
-    return Item(sample_id, image, mask, label, meta)
-
-
 class SkinLesionDataset(Dataset):
     """Images with optional masks and labels, transformed into samples of the Batch contract.
 
@@ -126,8 +99,7 @@ class SkinLesionDataset(Dataset):
     turns a list of them into a Batch (``id`` becomes a list of str).
 
     Args:
-        records: :class:`Record` objects or manifest rows (see :func:`to_item`), with paths that
-            resolve from the working directory (make them absolute first).
+        records: the images, with paths that resolve from the working directory (make them absolute first).
         class_names: class list; a label is turned into its index in it.
         transform: callable ``transform(image=HxWx3 uint8, mask=HxW uint8)`` returning a dict with
             tensors ``image`` (3,H,W) and ``mask`` (1,H,W), e.g. :func:`build_transforms`'s result.
@@ -142,47 +114,49 @@ class SkinLesionDataset(Dataset):
 
     def __init__(
         self,
-        records: Sequence[Record | Mapping[str, Any]],
+        records: Sequence[Record],
         class_names: Sequence[str],
         transform: Callable[..., dict[str, Any]] | None = None,
         use_metadata: bool = False,
         max_side: int | None = None,
     ) -> None:
-        self.items = [to_item(r) for r in records]
+        self.records = list(records)
         self.class_names = tuple(class_names)
         self.class_to_index = {name: i for i, name in enumerate(self.class_names)}
-        for item in self.items:
-            if item.label is not None and item.label not in self.class_to_index:
-                raise DataError(item.image, f"unknown label {item.label!r}; expected one of {list(self.class_names)}")
+        for record in self.records:
+            if record.label is not None and record.label not in self.class_to_index:
+                raise DataError(
+                    record.image, f"unknown label {record.label!r}; expected one of {list(self.class_names)}"
+                )
         self.transform = transform
         self.use_metadata = use_metadata
         self.max_side = max_side
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.records)
 
     @property
     def labels(self) -> list[int]:
         """Class index of every sample (-1 where unlabelled), without reading any file."""
-        return [-1 if item.label is None else self.class_to_index[item.label] for item in self.items]
+        return [-1 if r.label is None else self.class_to_index[r.label] for r in self.records]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Read sample ``index`` untransformed: image uint8 (H,W,3) RGB and mask uint8 (H,W) in {0,1} or None."""
-        item = self.items[index]
-        image = read_image(item.image, self.max_side)
-        if item.mask is None:
+        record = self.records[index]
+        image = read_image(record.image, self.max_side)
+        if record.mask is None:
             return image, None
         height, width = image.shape[:2]
         # Downscaled images take their mask to the same size; full-size ones must match exactly.
-        mask = read_mask(item.mask, size=(width, height)) if self.max_side else read_mask(item.mask)
+        mask = read_mask(record.mask, size=(width, height)) if self.max_side else read_mask(record.mask)
         if mask.shape != (height, width):
             raise DataError(
-                item.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but image {item.image} is {width}x{height}"
+                record.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but image {record.image} is {width}x{height}"
             )
         return image, mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
+        record = self.records[index]
         image, mask = self.load(index)
         has_mask = mask is not None
         if mask is None:
@@ -197,9 +171,9 @@ class SkinLesionDataset(Dataset):
             "image": image_t,
             "mask": mask_t,
             "has_mask": torch.tensor(has_mask),
-            "label": torch.tensor(-1 if item.label is None else self.class_to_index[item.label], dtype=torch.int64),
-            "id": item.id,
+            "label": torch.tensor(-1 if record.label is None else self.class_to_index[record.label], dtype=torch.int64),
+            "id": record.id,
         }
         if self.use_metadata:
-            sample["meta"] = torch.from_numpy(encode_metadata(item.meta))
+            sample["meta"] = torch.from_numpy(encode_metadata(record.meta))
         return sample

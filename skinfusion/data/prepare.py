@@ -30,7 +30,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -43,13 +42,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from skinfusion.allocator import add_no_tuning_flag, tune_malloc
+from skinfusion.allocator import tune_malloc
 from skinfusion.data.imageio import DEFAULT_MAX_PIXELS
 from skinfusion.data.readers import Reader, apply_labels, combine, create_reader
 from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
 from skinfusion.data.split import SPLITS, assign_splits, check_no_leakage
 from skinfusion.data.validate import check_label, load_record
-from skinfusion.errors import DataError
+from skinfusion.errors import DataError, config_errors
+from skinfusion.io import atomic_write
 
 __all__ = ["MANIFEST_COLUMNS", "PrepareReport", "Source", "parse_source", "prepare", "prepare_main", "read_sources"]
 
@@ -245,17 +245,6 @@ def _process(task: tuple[Record, str, str | None, dict[str, Any]]) -> dict[str, 
 # --------------------------------------------------------------------------------------- helpers
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_state(out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     try:
         state = json.loads((out_dir / STATE_FILE).read_text())
@@ -348,9 +337,8 @@ def prepare(
         keep_splits: keep a ``split`` given by a manifest source (its whole lesion group follows).
         progress: show a tqdm progress bar.
         malloc_tuning: apply :func:`skinfusion.allocator.tune_malloc` where the files are decoded (the worker
-            processes, or this process with ``workers <= 1``): a whole prepare of 4000x3000 JPEGs 2.0x faster
-            with full decoding, 1.0-1.06x with the default reduced decoding (``benchmarks/bench_prepare.py
-            --malloc tuned`` against ``--malloc glibc``); same output. ``skinfusion prepare`` turns it on.
+            processes, or this process with ``workers <= 1``); same output, faster full-size decoding.
+            ``skinfusion prepare`` turns it on.
 
     Returns:
         The report (also written to ``out_dir/report.json``).
@@ -513,11 +501,9 @@ def prepare(
     report.accepted = len(accepted)
     report.wall_s = time.perf_counter() - start
 
-    _atomic_write_text(out_dir / "manifest.csv", buf.getvalue())
-    _atomic_write_text(
-        out_dir / STATE_FILE, json.dumps({"version": _STATE_VERSION, "params": params, "entries": entries})
-    )
-    _atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
+    atomic_write(out_dir / "manifest.csv", buf.getvalue())
+    atomic_write(out_dir / STATE_FILE, json.dumps({"version": _STATE_VERSION, "params": params, "entries": entries}))
+    atomic_write(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
     return report
 
 
@@ -567,12 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reduce", action="store_true", help="disable reduced-resolution JPEG decoding")
     p.add_argument("--resplit", action="store_true", help="ignore a manifest's split column")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_no_tuning_flag(p, "faster decoding")
     return p
 
 
-def prepare_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``skinfusion prepare``; returns the exit status (0 ok, 1 bad data, 2 usage)."""
+def prepare_main(argv: list[str] | None = None) -> PrepareReport:
+    """``skinfusion prepare``: build the cache and print the report.
+
+    Raises:
+        DataError: a bad source or, without ``--skip-bad``, any bad file (the message lists every problem).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -581,7 +570,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if not sources:
         parser.error("give at least one --source or --manifest")
-    try:
+    with config_errors():
         report = prepare(
             sources,
             args.out,
@@ -598,14 +587,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
             reduce=not args.no_reduce,
             keep_splits=not args.resplit,
             progress=not args.no_progress,
-            malloc_tuning=not args.no_malloc_tuning,
+            malloc_tuning=True,  # the CLI tuned this process; the decoding processes follow
         )
-    except (DataError, ValueError) as err:
-        print(f"skinfusion prepare: error: {err}", file=sys.stderr)
-        return 1
     print(report.format())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(prepare_main())
+    return report

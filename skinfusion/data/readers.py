@@ -37,6 +37,7 @@ from skinfusion.data.imageio import IMAGE_EXTENSIONS
 from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.data.validate import check_inside_root, same_file
 from skinfusion.errors import DataError
+from skinfusion.registry import Registry
 
 __all__ = [
     "DiagnosisCSVReader",
@@ -55,7 +56,7 @@ __all__ = [
     "register_reader",
 ]
 
-_READERS: dict[str, type[Reader]] = {}
+_READERS: Registry[Reader] = Registry("reader")
 
 #: HAM10000 ``dx`` codes to ISIC 2018 Task 3 class names.
 HAM_DX: dict[str, str] = {c.lower(): c for c in ISIC_CLASSES}
@@ -65,21 +66,17 @@ _UNKNOWN = {"", "unknown", "nan", "none", "na", "n/a"}
 
 
 def register_reader(name: str) -> Callable[[type[Reader]], type[Reader]]:
-    """Class decorator registering a reader under ``name``."""
+    """Class decorator registering a reader under ``name`` (also its ``Reader.name``)."""
 
     def deco(cls: type[Reader]) -> type[Reader]:
-        if name in _READERS:
-            raise ValueError(f"reader {name!r} is already registered")
         cls.name = name
-        _READERS[name] = cls
-        return cls
+        return _READERS.register(name)(cls)
 
     return deco
 
 
-def list_readers() -> list[str]:
-    """Names of the registered readers."""
-    return sorted(_READERS)
+#: Names of the registered readers, sorted.
+list_readers = _READERS.names
 
 
 def create_reader(kind: str, path: str | Path, **kwargs: Any) -> Reader:
@@ -88,10 +85,9 @@ def create_reader(kind: str, path: str | Path, **kwargs: Any) -> Reader:
     Raises:
         ValueError: unknown ``kind`` (the message lists the choices) or bad keyword arguments.
     """
-    if kind not in _READERS:
-        raise ValueError(f"unknown reader {kind!r}; choose one of {', '.join(list_readers())}")
+    cls = _READERS.get(kind)
     try:
-        return _READERS[kind](path, **kwargs)
+        return cls(path, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for reader {kind!r}: {err}") from None
 
@@ -459,7 +455,7 @@ class PH2Reader(Reader):
 
 @register_reader("manifest")
 class ManifestReader(Reader):
-    """A generic manifest CSV (also the format ``prepare`` writes).
+    """A generic manifest CSV (also the format ``prepare`` and the synthetic data set write).
 
     Columns: ``image`` (required), ``mask``, ``label``, ``lesion_id``, ``age``, ``sex``, ``site``
     (or ``localization``), ``split``; other columns are ignored. Paths are relative to the CSV's
@@ -469,6 +465,8 @@ class ManifestReader(Reader):
         path: the CSV file.
         allow_outside_root: allow image/mask paths that resolve outside the CSV's folder.
         source_column: column whose value becomes ``record.source`` (default: ``"manifest"``).
+        originals: where a prepared manifest names the original files (``orig_image``, ``orig_mask``), read
+            those instead of its resized cache (for scoring at the original resolution).
         label_map: optional label mapping.
 
     Raises:
@@ -481,16 +479,22 @@ class ManifestReader(Reader):
         path: str | Path,
         allow_outside_root: bool = False,
         source_column: str | None = None,
+        originals: bool = False,
         label_map: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(path, label_map)
         self.allow_outside_root = allow_outside_root
         self.source_column = source_column
+        self.originals = originals
 
     def read(self) -> list[Record]:
+        return self.records(read_csv_rows(self.path, required=["image"]))
+
+    def records(self, rows: Iterable[tuple[int, Mapping[str, str]]]) -> list[Record]:
+        """Records of the ``(line number, row)`` pairs :func:`read_csv_rows` returns (paths relative to ``path``)."""
         root = self.path.parent
         records = []
-        for line, row in read_csv_rows(self.path, required=["image"]):
+        for line, row in rows:
 
             def resolve(value: str, line: int = line) -> Path:
                 try:
@@ -500,7 +504,10 @@ class ManifestReader(Reader):
                 except (ValueError, OSError) as err:  # e.g. a NUL byte in the path
                     raise DataError(self.path, f"line {line}: {value!r}: invalid path ({err})") from None
 
-            if not row["image"]:
+            image, mask = row["image"], row.get("mask")
+            if self.originals and row.get("orig_image"):
+                image, mask = row["orig_image"], row.get("orig_mask")
+            if not image:
                 raise DataError(self.path, f"line {line}: empty image path")
             try:
                 meta = _meta(row.get("age"), row.get("sex"), row.get("site", row.get("localization")))
@@ -513,8 +520,8 @@ class ManifestReader(Reader):
                 meta["split"] = split
             records.append(
                 Record(
-                    image=resolve(row["image"]),
-                    mask=resolve(row["mask"]) if row.get("mask") else None,
+                    image=resolve(image),
+                    mask=resolve(mask) if mask else None,
                     label=apply_label_map(row.get("label") or None, self.label_map),
                     lesion_id=row.get("lesion_id") or None,
                     meta=meta,

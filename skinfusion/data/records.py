@@ -1,4 +1,4 @@
-"""The Record: one image with whatever annotation its source has (see DESIGN.md)."""
+"""The Record: one image with whatever annotation its source has, whichever reader found it."""
 
 from __future__ import annotations
 

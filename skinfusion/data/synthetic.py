@@ -17,6 +17,7 @@ seeded by ``(seed, i)``, so a sample is the same whatever the order or the numbe
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 
 from skinfusion.data.dataset import SITES
 from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
+from skinfusion.io import atomic_write
 
 #: Bump when the rendering changes, so that cached synthetic folders are rebuilt.
 SYNTHETIC_VERSION = 1
@@ -465,14 +467,13 @@ def write_synthetic(
                 orig_width=str(size),
                 orig_height=str(size),
             )
-        tmp = manifest.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(manifest)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(manifest, buffer.getvalue())
         stamp.write_text(json.dumps(params, indent=1))
-    return [_record(root, row) for row in rows]
+    return _records(root, rows)
 
 
 def synthetic_records(
@@ -490,9 +491,7 @@ def synthetic_records(
     configuration time). Each record's ``meta["split"]`` holds its split.
     """
     root = Path(root).expanduser()
-    return [
-        _record(root, row) for row in synthetic_rows(n, seed, class_names, mask_fraction, label_fraction, fractions)
-    ]
+    return _records(root, synthetic_rows(n, seed, class_names, mask_fraction, label_fraction, fractions))
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -500,19 +499,7 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def _record(root: Path, row: dict[str, str]) -> Record:
-    meta: dict[str, Any] = {}
-    if row["age"]:
-        meta["age"] = float(row["age"])
-    if row["sex"]:
-        meta["sex"] = row["sex"]
-    if row["site"]:
-        meta["site"] = row["site"]
-    meta["split"] = row["split"]
-    return Record(
-        image=root / row["image"],
-        mask=root / row["mask"] if row["mask"] else None,
-        label=row["label"] or None,
-        meta=meta,
-        source="synthetic",
-    )
+def _records(root: Path, rows: list[dict[str, str]]) -> list[Record]:
+    from skinfusion.data.readers import ManifestReader
+
+    return ManifestReader(root / "manifest.csv", source_column="source").records(enumerate(rows, start=2))

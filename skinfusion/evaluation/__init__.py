@@ -1,1 +1,2 @@
-"""Evaluation: ISIC metrics, reports, calibration and studies that compare variants."""
+"""Evaluation: the official ISIC challenge metrics, the training metrics, the evaluation report, calibration,
+and studies that compare variants."""

@@ -8,7 +8,7 @@ overrides on top of the shared base configs. Every (variant, seed) run
    wall-clock with ``max_time``), logging into ``OUT/runs/<variant>-seed<seed>/`` (W&B: one group per study);
 2. keeps the checkpoint that the configs' ``ModelCheckpoint`` picked by validation (else ``last.ckpt``);
 3. is scored on the held-out split at the original resolution with the official ISIC metrics
-   (:func:`~skinfusion.report.evaluate`, the same code as ``skinfusion evaluate``).
+   (:func:`~skinfusion.evaluation.report.evaluate`, the same code as ``skinfusion evaluate``).
 
 Seeds change ``seed_everything`` (initialisation, dropout); the split, data order and augmentation follow
 ``data.seed`` and stay the same for every run, so the variants are compared on the same images. The summary
@@ -316,7 +316,7 @@ def _steps_of(checkpoint: Path) -> int:
 def _truth_records(data: dict[str, Any], split: str):
     """The split's records with the run's label map applied, at the original resolution."""
     from skinfusion.data.datamodule import SkinFusionDataModule
-    from skinfusion.predict import collect_records
+    from skinfusion.inference.inputs import collect_records
 
     datamodule = SkinFusionDataModule(**data)
     datamodule.prepare_data()
@@ -328,8 +328,8 @@ def _truth_records(data: dict[str, Any], split: str):
 
 
 def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: Path, device: str) -> dict[str, Any]:
-    from skinfusion.predict import Predictor
-    from skinfusion.report import evaluate
+    from skinfusion.evaluation.report import evaluate
+    from skinfusion.inference.predictor import Predictor
 
     records, class_names = _truth_records(data, split)
     predictor = Predictor(checkpoint, device=device, progress=False)
@@ -728,7 +728,7 @@ def _log_to_wandb(summary: dict[str, Any], out: Path, config: dict[str, Any]) ->
         return
     import wandb
 
-    from skinfusion.loggers import resolve_wandb_mode
+    from skinfusion.training.wandb import resolve_wandb_mode
 
     mode, _ = resolve_wandb_mode()
     name = summary["spec"]["name"]

@@ -29,6 +29,8 @@ import torch
 from timm.layers import create_act_layer, make_divisible
 from torch import Tensor, nn
 
+from skinfusion.registry import Registry
+
 __all__ = [
     "CBAM",
     "AttentionModule",
@@ -41,38 +43,14 @@ __all__ = [
     "register_attention",
 ]
 
-_ATTENTION: dict[str, type[nn.Module]] = {}
+_ATTENTION: Registry[nn.Module] = Registry("attention")
 
 LayerType = str | Callable[..., nn.Module] | type[nn.Module]
 
-
-def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator adding an attention module to the registry under ``name``.
-
-    The class must take the channel count as its first positional argument. Example::
-
-        @register_attention("eca")
-        class ECA(AttentionModule): ...
-
-    Raises:
-        ValueError: ``name`` is empty or already registered.
-    """
-    key = name.lower()
-    if not key:
-        raise ValueError("an attention name must be a non-empty string")
-
-    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
-        if key in _ATTENTION:
-            raise ValueError(f"attention {key!r} is already registered ({_ATTENTION[key].__name__})")
-        _ATTENTION[key] = cls
-        return cls
-
-    return decorator
-
-
-def list_attention() -> list[str]:
-    """Names accepted by :func:`create_attention` (``"none"`` included), sorted."""
-    return sorted(_ATTENTION)
+#: Class decorator adding an attention module (channel count first), e.g. ``@register_attention("eca")``.
+register_attention = _ATTENTION.register
+#: Names accepted by :func:`create_attention` (``"none"`` included), sorted.
+list_attention = _ATTENTION.names
 
 
 def get_attention(name: str | None) -> type[nn.Module] | None:
@@ -81,12 +59,7 @@ def get_attention(name: str | None) -> type[nn.Module] | None:
     Raises:
         ValueError: unknown name (the message lists the choices).
     """
-    if not name:
-        return None
-    key = name.lower()
-    if key not in _ATTENTION:
-        raise ValueError(f"unknown attention {name!r}; choose one of {list_attention()}")
-    cls = _ATTENTION[key]
+    cls = _ATTENTION.get(name) if name else None
     return None if cls is nn.Identity else cls
 
 
@@ -122,7 +95,7 @@ def create_attention(name: str | None, channels: int, **kwargs: Any) -> nn.Modul
     return cls(channels, **kwargs)
 
 
-_ATTENTION["none"] = nn.Identity
+register_attention("none")(nn.Identity)
 
 
 class AttentionModule(nn.Module):

@@ -13,12 +13,13 @@ feature vector for the classifier. Modes are chosen by name from a registry:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from skinfusion.registry import Registry
 
 __all__ = [
     "ClassifierHead",
@@ -33,43 +34,16 @@ __all__ = [
     "register_fusion",
 ]
 
-_FUSION: dict[str, type[Fusion]] = {}
-
-
-def register_fusion(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
-    """Class decorator adding a fusion mode under ``name``.
-
-    Raises:
-        ValueError: ``name`` is empty or already registered.
-    """
-    key = name.lower()
-    if not key:
-        raise ValueError("a fusion name must be a non-empty string")
-
-    def decorator(cls: type[Fusion]) -> type[Fusion]:
-        if key in _FUSION:
-            raise ValueError(f"fusion {key!r} is already registered ({_FUSION[key].__name__})")
-        _FUSION[key] = cls
-        return cls
-
-    return decorator
-
-
-def list_fusion() -> list[str]:
-    """Names accepted by :func:`create_fusion`, sorted."""
-    return sorted(_FUSION)
+_FUSION: Registry[Fusion] = Registry("fusion")
+#: Class decorator adding a fusion mode, e.g. ``@register_fusion("mask_pool")``.
+register_fusion = _FUSION.register
+#: Names accepted by :func:`create_fusion`, sorted.
+list_fusion = _FUSION.names
 
 
 def get_fusion(name: str | None) -> type[Fusion]:
-    """The fusion class for ``name`` (a falsy name means ``"none"``).
-
-    Raises:
-        ValueError: unknown name (the message lists the choices).
-    """
-    key = (name or "none").lower()
-    if key not in _FUSION:
-        raise ValueError(f"unknown fusion {name!r}; choose one of {list_fusion()}")
-    return _FUSION[key]
+    """The fusion class for ``name`` (a falsy name means ``"none"``); ``ValueError`` for an unknown one."""
+    return _FUSION.get(name or "none")
 
 
 def create_fusion(name: str | None, encoder_channels: int, decoder_channels: int | None, **kwargs: Any) -> Fusion:
@@ -145,8 +119,6 @@ class MaskPoolFusion(Fusion):
         self.eps = eps
 
     def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
-        if mask_logits is None:
-            raise ValueError("mask_pool fusion needs mask_logits")
         if self.detach_mask:
             mask_logits = mask_logits.detach()
         # "area" averages the probability over each feature cell; it is exact for the integer strides here.
@@ -163,13 +135,9 @@ class DecoderFusion(Fusion):
 
     def __init__(self, encoder_channels: int, decoder_channels: int | None = None) -> None:
         super().__init__()
-        if decoder_channels is None:
-            raise ValueError("decoder fusion needs the decoder")
         self.out_features = encoder_channels + decoder_channels
 
     def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
-        if decoder_features is None:
-            raise ValueError("decoder fusion needs decoder_features")
         return torch.cat([features.mean((2, 3)), decoder_features.mean((2, 3))], dim=1)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from skinfusion.nn.attention import AttentionModule, check_attention_kwargs, create_attention, get_attention
 from skinfusion.nn.encoder import LoadReport, TimmEncoder
-from skinfusion.nn.heads import ClassifierHead, MetaBranch, create_fusion, get_fusion
+from skinfusion.nn.heads import ClassifierHead, MetaBranch, create_fusion
 from skinfusion.nn.output import SkinFusionOutput
 
 __all__ = ["ATTENTION_PLACEMENTS", "SkinFusionNet", "plain_config"]
@@ -117,8 +117,6 @@ class SkinFusionNet(nn.Module):
             raise ValueError("attention_placement 'skip' needs the decoder; use 'encoder' or 'classifier'")
         if has_attention and "classifier" in placement and not classifier:
             raise ValueError("attention_placement 'classifier' needs the classifier; use 'encoder' or 'skip'")
-        if classifier and get_fusion(fusion).needs_decoder and not decoder:
-            raise ValueError(f"fusion {fusion!r} needs the decoder; set decoder=True or fusion='none'")
         if meta_dim < 0:
             raise ValueError(f"meta_dim must be >= 0, got {meta_dim}")
         if meta_dim and not classifier:
@@ -177,6 +175,7 @@ class SkinFusionNet(nn.Module):
                 in_features += self.meta.out_features
             self.classifier = ClassifierHead(in_features, num_classes, hidden=classifier_hidden, dropout=dropout)
             initialize_head(self.classifier)
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.meta_dim = meta_dim
 

@@ -186,7 +186,7 @@ def as_binary_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
 
     Raises:
         ValueError: if the mask is not 2-D, is empty, or is of a float/other dtype (threshold a
-            probability map first, e.g. with :class:`skinfusion.postprocess.PostProcess`).
+            probability map first, e.g. with :class:`skinfusion.inference.postprocess.PostProcess`).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:

@@ -4,7 +4,7 @@
 
     out_dir/
       metrics.json                 task1/* (Task 1 means) and task3/* (balanced accuracy, per-class
-                                   and macro metrics), computed by skinfusion.metrics.isic exactly
+                                   and macro metrics), computed by skinfusion.evaluation.isic exactly
                                    as the official isic-challenge-scoring package, plus the
                                    confusion matrix
       per_class.md                 a markdown table with one row per class
@@ -36,7 +36,7 @@ import numpy as np
 
 from skinfusion.data.records import Record
 from skinfusion.errors import DataError
-from skinfusion.metrics.isic import (
+from skinfusion.evaluation.isic import (
     SEGMENTATION_METRICS,
     classification_scores,
     read_classification_csv,
@@ -44,18 +44,11 @@ from skinfusion.metrics.isic import (
     roc_curve,
     segmentation_image_scores,
 )
-from skinfusion.predict import (
-    CSV_NAME,
-    MASKS_DIR,
-    Predictor,
-    _png_bytes,
-    add_predictor_arguments,
-    atomic_write_bytes,
-    collect_records,
-    mask_filename,
-    predictor_from_args,
-    render_overlay,
-)
+from skinfusion.inference.inputs import collect_records
+from skinfusion.inference.overlay import render_overlay
+from skinfusion.inference.predictor import Predictor, add_predictor_arguments, predictor_from_args
+from skinfusion.inference.writers import CSV_NAME, MASKS_DIR, mask_filename, png_bytes
+from skinfusion.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +306,7 @@ def write_worst_gallery(
             image, mask=pred, extra_mask=truth, extra_color=(0, 255, 0), contour_color=(255, 0, 255), lines=lines
         )
         path = Path(out_dir) / f"{rank:02d}_{row['id']}.png"
-        atomic_write_bytes(path, _png_bytes(overlay))
+        atomic_write(path, png_bytes(overlay))
         written.append(path)
     return written
 
@@ -329,10 +322,10 @@ def evaluate(
     """Score predictions against the truth and write an evaluation report folder (see the module docstring).
 
     Args:
-        predictions: a :class:`~skinfusion.predict.Predictor` (it predicts the truth's images and
+        predictions: a :class:`~skinfusion.inference.predictor.Predictor` (it predicts the truth's images and
             writes them to ``out_dir/predictions``, which are then scored), or a prediction folder
             written by :meth:`Predictor.write` (``masks/`` and/or ``predictions.csv``).
-        truth: what :func:`~skinfusion.predict.collect_records` accepts: a manifest CSV (a prepared
+        truth: what :func:`~skinfusion.inference.inputs.collect_records` accepts: a manifest CSV (a prepared
             manifest is read at the original resolution via ``orig_image``/``orig_mask``), an ISIC
             2018 layout folder, or records.
         out_dir: report folder (created; files are replaced atomically).
@@ -370,8 +363,8 @@ def evaluate(
     if classification is not None:
         matrix = confusion_matrix(classification["truth"], classification["probabilities"])
         report["confusion_matrix"] = {"class_names": classification["class_names"], "counts": matrix.tolist()}
-    atomic_write_bytes(out_dir / "metrics.json", json.dumps(report, indent=2).encode("utf-8"))
-    atomic_write_bytes(out_dir / "per_class.md", _per_class_markdown(metrics, classification).encode("utf-8"))
+    atomic_write(out_dir / "metrics.json", json.dumps(report, indent=2))
+    atomic_write(out_dir / "per_class.md", _per_class_markdown(metrics, classification))
     if rows:
         buffer = io.StringIO()
         writer = csv.DictWriter(
@@ -379,13 +372,13 @@ def evaluate(
         )
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write_bytes(out_dir / "per_image_segmentation.csv", buffer.getvalue().encode("utf-8"))
+        atomic_write(out_dir / "per_image_segmentation.csv", buffer.getvalue())
         if worst > 0:
             write_worst_gallery(rows, records, out_dir / "worst_segmentations", n=worst)
     if classification is not None:
         names = classification["class_names"]
-        atomic_write_bytes(out_dir / "confusion_matrix.png", plot_confusion_matrix(matrix, names))
-        atomic_write_bytes(
+        atomic_write(out_dir / "confusion_matrix.png", plot_confusion_matrix(matrix, names))
+        atomic_write(
             out_dir / "roc_curves.png",
             plot_roc_curves(classification["truth"], classification["probabilities"], names, metrics),
         )
@@ -400,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
             "metrics.json, per_class.md, confusion_matrix.png, roc_curves.png, worst_segmentations/."
         ),
         epilog=(
-            "Either --predictions DIR (written by predict-images) or --ckpt CKPT (predict first). Example: "
+            "Either --predictions DIR (written by skinfusion predict) or --ckpt CKPT (predict first). Example: "
             "skinfusion evaluate --ckpt best.ckpt --truth data/manifest.csv --split test --out report"
         ),
     )
@@ -429,7 +422,3 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     headline = {k: v for k, v in report.items() if k in ("task1/threshold_jaccard", "task3/balanced_accuracy")}
     print(json.dumps({"out": str(args.out), **headline}, indent=2))
     return report
-
-
-if __name__ == "__main__":
-    evaluate_main()

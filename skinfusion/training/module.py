@@ -1,13 +1,14 @@
 """SkinFusionModule: the LightningModule that trains a :class:`~skinfusion.nn.SkinFusionNet`.
 
-The network is a plain ``nn.Module`` handed in from outside (STYLE.md); this module owns the
-loss, the metrics, the optimiser and the logging.
+The network is a plain ``nn.Module`` handed in from outside (so it can be exported and tested without a
+Trainer); this module owns the loss, the metrics, the optimiser and the logging.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,10 +20,12 @@ from torch import Tensor, nn
 
 from skinfusion.data.datamodule import SkinFusionDataModule
 from skinfusion.data.records import ISIC_CLASSES
-from skinfusion.losses import MultiTaskLoss
-from skinfusion.metrics.collections import classification_metrics, flatten_metrics, segmentation_metrics
+from skinfusion.errors import SkinFusionError
+from skinfusion.evaluation.metrics import classification_metrics, flatten_metrics, segmentation_metrics
+from skinfusion.io import InferenceSettings, load_checkpoint
 from skinfusion.nn import SkinFusionNet
 from skinfusion.nn.output import SkinFusionOutput
+from skinfusion.training.losses import MultiTaskLoss
 from skinfusion.training.schedule import WarmupCosine
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,8 @@ __all__ = ["NonFiniteLossError", "SkinFusionModule"]
 STAGES = ("train", "val", "test")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf."""
+class NonFiniteLossError(SkinFusionError, FloatingPointError):
+    """The training loss became NaN or Inf (the message says what to try)."""
 
 
 _FUSED_DEVICES = ("cpu", "cuda")
@@ -42,10 +45,9 @@ _FUSED_DEVICES = ("cpu", "cuda")
 def _default_optimizer(params, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW(lr=1e-3, weight_decay=1e-4), fused (one kernel for all parameters) where PyTorch has the kernel.
 
-    The fused update is the same arithmetic as the per-parameter loop (weights within ~1e-7 after 18 steps
-    on the same gradients) and 3.2-3.8x faster on a CPU: 10.3 vs 39.1 ms per step for a ResNet-18 U-Net,
-    20.5 vs 65.4 ms for ResNet-50 (``benchmarks/bench_optimizer.py``). ``fused=None`` picks it when every
-    parameter is a float tensor on CPU or CUDA.
+    The fused update is the same arithmetic as the per-parameter loop in another order, and much faster on a
+    CPU (``benchmarks/bench_optimizer.py``). ``fused=None`` picks it when every parameter is a float tensor on
+    CPU or CUDA.
     """
     params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
     if fused is None:
@@ -55,7 +57,11 @@ def _default_optimizer(params, fused: bool | None = None) -> torch.optim.Optimiz
 
 
 class SkinFusionModule(pl.LightningModule):
-    """Trains segmentation and classification together on batches of the DESIGN.md Batch contract.
+    """Trains segmentation and classification together on the DataModule's batches.
+
+    A batch holds ``image`` (B,3,H,W) float, ``mask`` (B,1,H,W) in {0,1}, ``has_mask`` (B,) bool, ``label`` (B,)
+    int64 with -1 where unknown, ``id`` and optionally ``meta`` (B,M); masks and labels may be missing for any
+    sample, and the losses and metrics count only the samples that have them.
 
     Args:
         net: the network (any :class:`SkinFusionNet`).
@@ -79,9 +85,9 @@ class SkinFusionModule(pl.LightningModule):
         compile: ``torch.compile`` the network's forward (``True``, or a dict of ``torch.compile`` arguments
             such as ``{"mode": "max-autotune"}``), via ``nn.Module.compile`` so that parameter names and
             checkpoints stay the same. The first steps are slow while it compiles.
-        train_metrics: compute the metrics of the training batches (``train/dice``, ``train/acc``, ...). The
-            losses are logged either way; ``False`` saves the metric updates (about 1% of a CPU step with a
-            ResNet-18 at 96 px; ``benchmarks/bench_training.py``, variant ``skinfusion+nometrics``).
+        train_metrics: compute the metrics of the training batches (``train/dice``, ``train/accuracy``, ...). The
+            losses are logged either way; ``False`` saves the metric updates (``benchmarks/bench_training.py``,
+            variant ``skinfusion+nometrics``).
     """
 
     def __init__(
@@ -110,27 +116,23 @@ class SkinFusionModule(pl.LightningModule):
             raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
-        # class_names is stored as "classes": the DataModule has its own (possibly unset) class_names hparam.
+        # class_names is stored in the inference record: the DataModule has its own (possibly unset) class_names.
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler", "class_names"])
         self.net = net
         self.loss = loss if loss is not None else MultiTaskLoss()
         self.optimizer = optimizer
         self.scheduler = scheduler
-        num_classes = getattr(net, "num_classes", None) or len(class_names or ISIC_CLASSES)
+        num_classes = net.num_classes
         self.class_names = list(class_names) if class_names else list(ISIC_CLASSES[:num_classes])
-        if getattr(net, "has_classifier", True) and len(self.class_names) != num_classes:
+        if net.has_classifier and len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for a {num_classes}-class network")
-        # Plain configs, so a checkpoint can rebuild the network without unpickling objects; saved through
-        # save_hyperparameters so that loggers record them too.
-        self.save_hyperparameters(
-            {
-                "net_config": dict(getattr(net, "config", {})),
-                "loss_config": dict(getattr(self.loss, "config", {})),
-                "classes": self.class_names,
-            }
-        )
-        self.has_classifier = getattr(net, "has_classifier", True)
-        self.has_decoder = getattr(net, "has_decoder", True)
+        # Plain values, so a checkpoint rebuilds the network and loss without unpickling objects; saved through
+        # save_hyperparameters so that loggers record them too. setup() adds the DataModule's input settings.
+        inference = InferenceSettings(net.config, self.class_names).to_dict()
+        self.save_hyperparameters({"inference": inference, "loss_config": dict(self.loss.config)})
+        self.has_classifier = net.has_classifier
+        self.has_decoder = net.has_decoder
+        self.last_confmat: dict[str, Tensor] = {}  # the latest confusion matrix of each stage (for W&B panels)
         # One collection per stage, never shared; keys get a "_" so "train" does not shadow nn.Module.train.
         self.cls_metrics = nn.ModuleDict(
             {f"{s}_": classification_metrics(num_classes) for s in STAGES} if self.has_classifier else {}
@@ -216,8 +218,10 @@ class SkinFusionModule(pl.LightningModule):
             self.seg_metrics[f"{stage}_"].reset()
         if self.has_classifier:
             if seen[1] > 0:
-                computed = self.cls_metrics[f"{stage}_"].compute()
-                self.last_confmat = {**getattr(self, "last_confmat", {}), stage: computed["confmat"].cpu()}
+                with warnings.catch_warnings():  # a class absent from a (sanity-check) epoch is no user error
+                    warnings.filterwarnings("ignore", message="No positive samples in targets")
+                    computed = self.cls_metrics[f"{stage}_"].compute()
+                self.last_confmat[stage] = computed["confmat"].cpu()
                 values.update(flatten_metrics(computed, self.class_names, stage))
             self.cls_metrics[f"{stage}_"].reset()
         self._seen[stage] = (0, 0)
@@ -252,9 +256,16 @@ class SkinFusionModule(pl.LightningModule):
         result["attention"] = {k: v.float() for k, v in output.attention.items()}
         return result
 
+    @property
+    def settings(self) -> InferenceSettings:
+        """The inference record this module's checkpoints carry (network, classes, input size and normalisation)."""
+        return InferenceSettings(**self.hparams["inference"])
+
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(datamodule, SkinFusionDataModule):
+            self.hparams["inference"].update(image_size=datamodule.image_size, normalization=datamodule.normalization)
         if self.loss.auto_class_weights or self.loss.auto_class_priors:
-            datamodule = self.trainer.datamodule if self._trainer is not None else None
             if not isinstance(datamodule, SkinFusionDataModule):
                 raise ValueError(
                     "loss class_weights='auto' and logit_adjustment with class_priors='auto' read the training"
@@ -272,13 +283,11 @@ class SkinFusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ encoder freezing
     def on_train_epoch_start(self) -> None:
-        freeze = self.current_epoch < self.hparams.freeze_encoder_epochs
-        if hasattr(self.net, "freeze_encoder"):
-            self.net.freeze_encoder(freeze)
+        self.net.freeze_encoder(self.current_epoch < self.hparams.freeze_encoder_epochs)
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self) -> Any:
-        encoder_params = list(self.net.encoder_parameters()) if hasattr(self.net, "encoder_parameters") else []
+        encoder_params = list(self.net.encoder_parameters())
         encoder_ids = {id(p) for p in encoder_params}
         other_params = [p for p in self.parameters() if id(p) not in encoder_ids]
         groups = [
@@ -344,37 +353,36 @@ class SkinFusionModule(pl.LightningModule):
         return scaler is not None and bool(trainer.gradient_clip_val)
 
     # ------------------------------------------------------------------ loading
+    #: Arguments a checkpoint restores (``from_checkpoint``, and the command line's ``--ckpt_path``); the speed
+    #: options (``channels_last``, ``compile``, ``train_metrics``) belong to the run, not to the model.
+    restored_hparams: tuple[str, ...] = (
+        "encoder_lr_mult",
+        "freeze_encoder_epochs",
+        "mask_threshold",
+        "nonfinite_loss",
+        "scheduler_interval",
+        "scheduler_monitor",
+    )
+
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path | Mapping[str, Any], map_location: str | torch.device = "cpu", **net_overrides: Any
+        cls, path: str | Path | Mapping[str, Any], map_location: str | torch.device = "cpu"
     ) -> SkinFusionModule:
         """Rebuild a trained module from a skinfusion checkpoint without unpickling objects.
 
-        The network and loss are rebuilt from the plain configs stored in the checkpoint's
-        hyperparameters, then the weights are loaded strictly. ``path`` may also be a checkpoint
-        already read with :func:`skinfusion.io.load_checkpoint` (so callers read a large file once).
+        The network and loss are rebuilt from the plain records in the checkpoint's hyperparameters, then the
+        weights are loaded strictly. ``path`` may also be a checkpoint already read with
+        :func:`skinfusion.io.load_checkpoint` (so callers read a large file once).
         """
-        from skinfusion.io import load_checkpoint
-
         ckpt = path if isinstance(path, Mapping) else load_checkpoint(path, map_location)
-        hparams = dict(ckpt.get("hyper_parameters", {}))
-        net_config = {**hparams.pop("net_config", {}), **net_overrides, "pretrained": False}
-        loss_config = hparams.pop("loss_config", {})
+        settings = InferenceSettings.from_checkpoint(ckpt)
+        hparams = ckpt.get("hyper_parameters") or {}
         module = cls(
-            net=SkinFusionNet(**net_config),
-            loss=MultiTaskLoss(**loss_config),
-            class_names=hparams.get("classes"),
-            **{k: v for k, v in hparams.items() if k in _PLAIN_HPARAMS},
+            net=SkinFusionNet(**settings.net_config),
+            loss=MultiTaskLoss(**hparams.get("loss_config", {})),
+            class_names=list(settings.class_names) or None,
+            **{k: v for k, v in hparams.items() if k in cls.restored_hparams},
         )
+        module.hparams["inference"] = settings.to_dict()
         module.load_state_dict(ckpt["state_dict"])
         return module
-
-
-_PLAIN_HPARAMS: Sequence[str] = (
-    "encoder_lr_mult",
-    "freeze_encoder_epochs",
-    "mask_threshold",
-    "nonfinite_loss",
-    "scheduler_interval",
-    "scheduler_monitor",
-)

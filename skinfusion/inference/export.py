@@ -1,19 +1,19 @@
 """Export a trained network to ONNX, TorchScript or safetensors (``skinfusion export``).
 
-* **ONNX** (opset >= 17, default 18): input ``image`` (B,3,S,S) (and ``meta`` (B,M) for a network
+Every file carries the model's :class:`~skinfusion.io.InferenceSettings` (network config, class names, input
+size and normalisation) as metadata: ONNX ``metadata_props``, the TorchScript extra file ``skinfusion.json``,
+the safetensors header. Every file is written atomically (:func:`skinfusion.io.atomic_path`).
+
+* **ONNX** (opset >= 17, default 18): input ``image`` (B,C,S,S) (and ``meta`` (B,M) for a network
   with a metadata branch), batch axis dynamic; outputs ``mask_logits`` (B,1,S,S), ``class_logits``
   (B,K) and one ``attn/<name>`` (B,1,h,w) per spatial attention map (``attn/skip.4``,
   ``attn/classifier``...), in that order; disabled parts are left out. Uses PyTorch's
   ``torch.export``-based exporter (needs ``onnxscript``); without it, the legacy TorchScript-based
   exporter is tried.
-* **TorchScript**: ``torch.jit.trace`` of a wrapper returning the same tuple; the output names
-  and network config are stored in the archive's extra file ``skinfusion.json``.
-* **safetensors**: the network's state dict with metadata ``net_config`` (JSON of the
-  :class:`~skinfusion.nn.SkinFusionNet` arguments), ``class_names``, ``image_size``,
-  ``normalization`` and ``format`` = ``skinfusion.net``; :func:`load_safetensors_export` rebuilds the
-  network from it, and :class:`~skinfusion.predict.Predictor` accepts such a file as its model.
-
-Every file is written to a temporary name beside the target and renamed over it when complete.
+* **TorchScript**: ``torch.jit.trace`` of a wrapper returning the same tuple; ``skinfusion.json`` also
+  holds the ``output_names``.
+* **safetensors**: the network's state dict (``format`` = ``skinfusion.net``); :func:`load_safetensors_export`
+  rebuilds the network from it, and :class:`~skinfusion.inference.predictor.Predictor` takes such a file.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from skinfusion.errors import config_errors
+from skinfusion.io import InferenceSettings, atomic_path
+from skinfusion.nn import SkinFusionNet
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,22 @@ class ExportWrapper(nn.Module):
         return tuple(outputs)
 
 
-def _example_inputs(net: nn.Module, image_size: int, batch_size: int) -> tuple[Tensor, ...]:
+def _example_inputs(net: SkinFusionNet, image_size: int, batch_size: int) -> tuple[Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
-    image = torch.randn(batch_size, getattr(net, "in_chans", 3), image_size, image_size, generator=generator)
-    meta_dim = int(getattr(net, "meta_dim", 0) or 0)
-    if meta_dim:
-        return image, torch.rand(batch_size, meta_dim, generator=generator)
+    image = torch.randn(batch_size, net.in_chans, image_size, image_size, generator=generator)
+    if net.meta_dim:
+        return image, torch.rand(batch_size, net.meta_dim, generator=generator)
     return (image,)
 
 
-def _wrap(net: nn.Module, image_size: int, batch_size: int) -> tuple[ExportWrapper, tuple[Tensor, ...], list[str]]:
+def _settings(net: SkinFusionNet, settings: InferenceSettings | None) -> InferenceSettings:
+    """The record to write: the given one, else the network's own with the default input settings."""
+    from skinfusion.data.records import ISIC_CLASSES
+
+    return settings or InferenceSettings(net.config, ISIC_CLASSES[: net.num_classes])
+
+
+def _wrap(net: SkinFusionNet, image_size: int, batch_size: int) -> tuple[ExportWrapper, tuple[Tensor, ...], list[str]]:
     net = net.eval()
     inputs = _example_inputs(net, image_size, batch_size)
     with torch.no_grad():
@@ -111,34 +118,25 @@ def _wrap(net: nn.Module, image_size: int, batch_size: int) -> tuple[ExportWrapp
     return wrapper.eval(), inputs, names
 
 
-def output_names(net: nn.Module, image_size: int = 64) -> list[str]:
+def output_names(net: SkinFusionNet, image_size: int = 64) -> list[str]:
     """Names of the exported outputs: ``mask_logits``, ``class_logits``, ``attn/<map>``... (parts present only)."""
     return _wrap(net, image_size, 1)[2]
 
 
-def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def export_onnx(
-    net: nn.Module, path: str | Path, image_size: int = 224, opset: int = DEFAULT_OPSET, batch_size: int = 2
+    net: SkinFusionNet,
+    path: str | Path,
+    settings: InferenceSettings | None = None,
+    opset: int = DEFAULT_OPSET,
+    batch_size: int = 2,
 ) -> list[str]:
     """Export ``net`` to one ONNX file with a dynamic batch axis.
 
     Args:
         net: the network (put in eval mode).
         path: output ``.onnx`` file (written atomically, weights inside the file).
-        image_size: input side S; height and width are fixed to it.
+        settings: the record to store; its ``image_size`` is the input side S (height and width are fixed to it).
+            Default: the network's config, 224 px, ``imagenet`` normalisation.
         opset: ONNX opset version, at least 17.
         batch_size: batch of the example input used for tracing (any batch runs afterwards).
 
@@ -150,9 +148,8 @@ def export_onnx(
     """
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
-    if image_size < 1 or batch_size < 1:
-        raise ValueError(f"image_size and batch_size must be positive, got {image_size}, {batch_size}")
-    wrapper, inputs, names = _wrap(net, image_size, batch_size)
+    settings = _settings(net, settings)
+    wrapper, inputs, names = _wrap(net, settings.image_size, batch_size)
     input_names = ["image", "meta"][: len(inputs)]
     try:
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
@@ -162,129 +159,90 @@ def export_onnx(
         log.warning("onnxscript is not installed: using the legacy TorchScript-based ONNX exporter")
         dynamo = False
 
-    def write(tmp: str) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            if dynamo:
-                batch = torch.export.Dim("batch", min=1, max=4096)
-                dynamic_shapes = {name: {0: batch} for name in input_names}
-                program = torch.onnx.export(
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            dynamic_shapes = {name: {0: batch} for name in input_names}
+            program = torch.onnx.export(
+                wrapper,
+                inputs,
+                dynamo=True,
+                input_names=input_names,
+                output_names=names,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                verbose=False,
+            )
+            program.model.metadata_props.update(settings.to_metadata())
+            program.save(str(tmp), external_data=False)
+        else:
+            axes = {name: {0: "batch"} for name in [*input_names, *names]}
+            try:
+                torch.onnx.export(
                     wrapper,
                     inputs,
-                    dynamo=True,
+                    str(tmp),
+                    dynamo=False,
                     input_names=input_names,
                     output_names=names,
                     opset_version=opset,
-                    dynamic_shapes=dynamic_shapes,
-                    external_data=False,
-                    verbose=False,
+                    dynamic_axes=axes,
                 )
-                program.save(tmp, external_data=False)
-            else:
-                axes = {name: {0: "batch"} for name in [*input_names, *names]}
-                try:
-                    torch.onnx.export(
-                        wrapper,
-                        inputs,
-                        tmp,
-                        dynamo=False,
-                        input_names=input_names,
-                        output_names=names,
-                        opset_version=opset,
-                        dynamic_axes=axes,
-                    )
-                except Exception as error:
-                    raise RuntimeError(
-                        "the legacy ONNX exporter failed on this network (dynamic shapes such as mask_pool fusion "
-                        "need the torch.export-based exporter): pip install onnxscript"
-                    ) from error
+            except Exception as error:
+                raise RuntimeError(
+                    "the legacy ONNX exporter failed on this network (dynamic shapes such as mask_pool fusion "
+                    "need the torch.export-based exporter): pip install onnxscript"
+                ) from error
+            import onnx
 
-    _atomic(path, write)
+            model = onnx.load(str(tmp))
+            onnx.helper.set_model_props(model, settings.to_metadata())
+            onnx.save(model, str(tmp))
     return names
 
 
-def export_torchscript(net: nn.Module, path: str | Path, image_size: int = 224, batch_size: int = 2) -> list[str]:
+def export_torchscript(
+    net: SkinFusionNet, path: str | Path, settings: InferenceSettings | None = None, batch_size: int = 2
+) -> list[str]:
     """Trace ``net`` with :func:`torch.jit.trace` and save it (any batch size runs afterwards).
 
-    The archive holds an extra file ``skinfusion.json`` with ``output_names``, ``image_size`` and
-    the network's ``config`` (read it with ``torch.jit.load(path, _extra_files={"skinfusion.json": ""})``).
+    The archive's extra file ``skinfusion.json`` holds the record and the ``output_names`` (read it with
+    ``torch.jit.load(path, _extra_files={"skinfusion.json": ""})``); ``settings`` as in :func:`export_onnx`.
 
     Returns:
         The output names, in the order of the traced module's output tuple.
     """
-    if image_size < 1 or batch_size < 1:
-        raise ValueError(f"image_size and batch_size must be positive, got {image_size}, {batch_size}")
-    wrapper, inputs, names = _wrap(net, image_size, batch_size)
-    extra = {
-        "skinfusion.json": json.dumps(
-            {"output_names": names, "image_size": image_size, "config": dict(getattr(net, "config", {}) or {})}
-        )
-    }
-
-    def write(tmp: str) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # torch.jit.trace is deprecated upstream but still the portable format
-            traced = torch.jit.trace(wrapper, inputs, check_trace=False)
-            torch.jit.save(traced, tmp, _extra_files=extra)
-
-    _atomic(path, write)
+    settings = _settings(net, settings)
+    wrapper, inputs, names = _wrap(net, settings.image_size, batch_size)
+    extra = {"skinfusion.json": json.dumps({**settings.to_dict(), "output_names": names})}
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated upstream but still the portable format
+        torch.jit.save(torch.jit.trace(wrapper, inputs, check_trace=False), str(tmp), _extra_files=extra)
     return names
 
 
-def _net_config(module: nn.Module) -> dict[str, Any]:
-    hparams = getattr(module, "hparams", None) or {}
-    net = getattr(module, "net", module)
-    config = dict(hparams.get("net_config") or getattr(net, "config", None) or {})
-    config.pop("pretrained", None)
-    return config
-
-
 def export_safetensors(
-    module: nn.Module,
-    path: str | Path,
-    image_size: int | None = None,
-    normalization: str | None = None,
+    net: SkinFusionNet, path: str | Path, settings: InferenceSettings | None = None
 ) -> dict[str, str]:
-    """Save the network's weights as safetensors with its config in the metadata.
-
-    Args:
-        module: a :class:`~skinfusion.module.SkinFusionModule` (its ``net`` is saved) or a network
-            with a ``config`` attribute.
-        path: output ``.safetensors`` file (written atomically).
-        image_size: input side to record (optional).
-        normalization: input normalisation to record (optional).
+    """Save the network's weights as safetensors, with the record (``settings`` as in :func:`export_onnx`).
 
     Returns:
-        The metadata written (all values are strings; JSON where structured).
-
-    Raises:
-        ValueError: when no network config is known (the file could not be loaded back).
+        The metadata written (all values are strings, JSON).
     """
     from skinfusion.io import save_safetensors
 
-    net = getattr(module, "net", module)
-    config = _net_config(module)
-    if not config:
-        raise ValueError("the network has no config (net.config / hparams['net_config']); cannot describe it")
-    class_names = list(getattr(module, "class_names", None) or [])
-    metadata = {
-        "format": "skinfusion.net",
-        "net_config": json.dumps(config),
-        "class_names": json.dumps(class_names),
-    }
-    if image_size is not None:
-        metadata["image_size"] = json.dumps(int(image_size))
-    if normalization is not None:
-        metadata["normalization"] = json.dumps(normalization)
+    metadata = {"format": "skinfusion.net", **_settings(net, settings).to_metadata()}
     save_safetensors(net.state_dict(), path, metadata=metadata)
     return metadata
 
 
-def load_safetensors_export(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, list[str], dict[str, Any]]:
+def load_safetensors_export(path: str | Path, map_location: str = "cpu") -> tuple[SkinFusionNet, InferenceSettings]:
     """Rebuild the network saved by :func:`export_safetensors`.
 
     Returns:
-        ``(net in eval mode, class names, {"image_size": ..., "normalization": ...} as recorded)``.
+        ``(net in eval mode, its record)``.
 
     Raises:
         WeightsError: the file is not a skinfusion export or its weights do not fit the config.
@@ -293,20 +251,18 @@ def load_safetensors_export(path: str | Path, map_location: str = "cpu") -> tupl
 
     from skinfusion.errors import WeightsError
     from skinfusion.io import load_state_dict
-    from skinfusion.nn import SkinFusionNet
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("format") != "skinfusion.net" or "net_config" not in metadata:
         raise WeightsError(f"{path}: not a skinfusion safetensors export (no net_config metadata)")
-    config = {**json.loads(metadata["net_config"]), "pretrained": False}
-    net = SkinFusionNet(**config)
+    settings = InferenceSettings.from_metadata(metadata)
+    net = SkinFusionNet(**settings.net_config)
     try:
         net.load_state_dict(load_state_dict(path, map_location))
     except RuntimeError as error:
         raise WeightsError(f"{path}: weights do not match the stored config ({error})") from error
-    settings = {k: json.loads(metadata[k]) for k in ("image_size", "normalization") if k in metadata}
-    return net.eval(), json.loads(metadata.get("class_names", "[]")), settings
+    return net.eval(), settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def verify_export(path: str | Path, net: nn.Module, image_size: int, batch_size: int = 3) -> dict[str, float]:
+def verify_export(path: str | Path, net: SkinFusionNet, image_size: int, batch_size: int = 3) -> dict[str, float]:
     """Largest absolute difference per output between an exported file and the eager network.
 
     Runs ONNX files with onnxruntime and TorchScript files with ``torch.jit.load``, on a batch
@@ -364,23 +320,24 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     Raises:
         SystemExit: when verification finds an output differing by more than 1e-3.
     """
-    from skinfusion.io import load_checkpoint
-    from skinfusion.module import SkinFusionModule
-    from skinfusion.predict import DEFAULT_IMAGE_SIZE, checkpoint_settings
+    from dataclasses import replace
+
+    from skinfusion.inference.predictor import load_model
 
     args = build_parser().parse_args(argv)
-    ckpt = load_checkpoint(args.ckpt)  # read once: settings and weights
-    settings = checkpoint_settings(ckpt)
-    image_size = int(args.image_size or settings.get("image_size") or DEFAULT_IMAGE_SIZE)
-    module = SkinFusionModule.from_checkpoint(ckpt).eval()
-    net = module.net.eval()
-    if args.format == "onnx":
-        names = export_onnx(net, args.out, image_size=image_size, opset=args.opset, batch_size=args.batch_size)
-    elif args.format == "torchscript":
-        names = export_torchscript(net, args.out, image_size=image_size, batch_size=args.batch_size)
-    else:
-        export_safetensors(module, args.out, image_size=image_size, normalization=settings.get("normalization"))
-        names = []
+    net, settings = load_model(args.ckpt)
+    if args.image_size:
+        with config_errors():
+            settings = replace(settings, image_size=args.image_size)
+    image_size = settings.image_size
+    with config_errors():
+        if args.format == "onnx":
+            names = export_onnx(net, args.out, settings, opset=args.opset, batch_size=args.batch_size)
+        elif args.format == "torchscript":
+            names = export_torchscript(net, args.out, settings, batch_size=args.batch_size)
+        else:
+            export_safetensors(net, args.out, settings)
+            names = []
     print(f"wrote {args.out} ({args.format}, input {image_size}x{image_size})")
     if names:
         print("outputs: " + ", ".join(names))
@@ -391,7 +348,3 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
         if worst > 1e-3:
             raise SystemExit(f"exported model differs from PyTorch: {diffs}")
     return Path(args.out)
-
-
-if __name__ == "__main__":
-    export_main()

@@ -1,6 +1,6 @@
 """Prediction on image files: lesion masks at the original resolution, the ISIC Task 3 CSV, overlays, JSON.
 
-:class:`Predictor` wraps a trained network (a :class:`~skinfusion.module.SkinFusionModule`, a plain
+:class:`Predictor` wraps a trained network (a :class:`~skinfusion.training.module.SkinFusionModule`, a plain
 :class:`~skinfusion.nn.SkinFusionNet`, a Lightning checkpoint or a ``skinfusion export`` safetensors
 file). For every image it
 
@@ -10,7 +10,7 @@ file). For every image it
    temperature on the class logits);
 3. resizes the lesion *probability* map bilinearly back to the original image size and only then
    post-processes it (threshold, opening, largest component, hole filling; see
-   :class:`~skinfusion.postprocess.PostProcess`).
+   :class:`~skinfusion.inference.postprocess.PostProcess`).
 
 :meth:`Predictor.write` turns the results into files a user submits or reads::
 
@@ -29,181 +29,46 @@ interrupted run never leaves a truncated file or a half-overwritten earlier resu
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import math
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from skinfusion.allocator import add_no_tuning_flag, tune_malloc
 from skinfusion.data.records import ISIC_CLASSES, Record
-from skinfusion.errors import DataError
-from skinfusion.io import atomic_write_bytes
-from skinfusion.postprocess import PostProcess
+from skinfusion.errors import DataError, config_errors
+from skinfusion.inference.inputs import collect_records
+from skinfusion.inference.overlay import prediction_overlay
+from skinfusion.inference.postprocess import PostProcess
+from skinfusion.inference.writers import (
+    CSV_NAME,
+    JSON_DIR,
+    MASKS_DIR,
+    OVERLAYS_DIR,
+    mask_filename,
+    png_bytes,
+    write_csv,
+    write_mask,
+)
+from skinfusion.io import InferenceSettings, atomic_write
+from skinfusion.nn import SkinFusionNet
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CSV_NAME",
-    "DEFAULT_IMAGE_SIZE",
-    "DEFAULT_NORMALIZATION",
-    "JSON_DIR",
-    "MASKS_DIR",
-    "OVERLAYS_DIR",
     "Prediction",
     "Predictor",
     "add_predictor_arguments",
-    "atomic_write_bytes",
-    "checkpoint_settings",
-    "collect_records",
-    "mask_filename",
+    "load_model",
     "predict_main",
     "predictor_from_args",
-    "render_overlay",
-    "write_csv",
 ]
-
-#: Network input side used when neither the caller nor the checkpoint says otherwise.
-DEFAULT_IMAGE_SIZE = 224
-#: Input normalisation used when neither the caller nor the checkpoint says otherwise.
-DEFAULT_NORMALIZATION = "imagenet"
-MASKS_DIR = "masks"
-OVERLAYS_DIR = "overlays"
-JSON_DIR = "json"
-CSV_NAME = "predictions.csv"
-
-_SKIPPED_SUFFIXES = ("_segmentation", "_superpixels", "_overlay")
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------
-
-
-def _image_files(folder: Path) -> list[Path]:
-    from skinfusion.data.imageio import IMAGE_EXTENSIONS
-
-    return [
-        path
-        for path in sorted(folder.iterdir())
-        if path.is_file()
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-        and not path.name.startswith(".")
-        and not path.stem.endswith(_SKIPPED_SUFFIXES)
-    ]
-
-
-def _isic_subsets(folder: Path) -> dict[str, set[str]]:
-    """``{subset: {"task1", "task3"}}`` of the official ISIC 2018 input folders inside ``folder``."""
-    found: dict[str, set[str]] = {}
-    for path in folder.iterdir():
-        match = re.fullmatch(r"ISIC2018_Task(1-2|3)_(\w+?)_Input", path.name)
-        if match and path.is_dir():
-            found.setdefault(match.group(2), set()).add("task1" if match.group(1) == "1-2" else "task3")
-    return found
-
-
-def _read_manifest(path: Path) -> list[Record]:
-    """Records of a manifest CSV; a prepared manifest's ``orig_image``/``orig_mask`` replace the cache files."""
-    from skinfusion.data.readers import create_reader, read_csv_rows
-
-    records = create_reader("manifest", path, allow_outside_root=True).read()
-    rows = read_csv_rows(path, required=["image"])
-    if rows and "orig_image" in rows[0][1]:
-        records = [
-            Record(
-                image=Path(row["orig_image"]) if row.get("orig_image") else record.image,
-                mask=Path(row["orig_mask"])
-                if row.get("orig_mask")
-                else (None if row.get("orig_image") else record.mask),
-                label=record.label,
-                lesion_id=record.lesion_id,
-                meta=record.meta,
-                source=record.source,
-            )
-            for record, (_, row) in zip(records, rows, strict=True)
-        ]
-    return records
-
-
-def collect_records(
-    sources: str | Path | Record | Iterable[str | Path | Record], subset: str | None = None
-) -> list[Record]:
-    """Turn prediction inputs into records, in a stable order.
-
-    Each source may be
-
-    * an image file;
-    * a folder of images (not recursive; ``*_segmentation.*`` masks and hidden files are skipped);
-    * a folder in the official ISIC 2018 layout (holding ``ISIC2018_Task1-2_{subset}_Input`` and/or
-      ``ISIC2018_Task3_{subset}_Input``, with their ground truth when present);
-    * a manifest CSV (``image,mask,label,...``; a prepared manifest's ``orig_image``/``orig_mask``
-      columns are used instead of its resized cache files);
-    * a :class:`Record`.
-
-    Args:
-        sources: one source or several.
-        subset: ISIC subset (``"Training"``, ``"Validation"``, ``"Test"``) when a folder holds several.
-
-    Returns:
-        Records, one per image.
-
-    Raises:
-        DataError: a missing path, an ISIC folder with several subsets and no ``subset``, or two
-            inputs with the same image id (their outputs would overwrite each other).
-    """
-    from skinfusion.data.readers import combine, create_reader
-
-    if isinstance(sources, (str, Path, Record)):
-        sources = [sources]
-    records: list[Record] = []
-    for source in sources:
-        if isinstance(source, Record):
-            records.append(source)
-            continue
-        path = Path(source)
-        if path.is_file() and path.suffix.lower() == ".csv":
-            records.extend(_read_manifest(path))
-        elif path.is_file():
-            records.append(Record(image=path, source="file"))
-        elif path.is_dir():
-            subsets = _isic_subsets(path)
-            if subsets:
-                if subset is None and len(subsets) > 1:
-                    raise DataError(path, f"holds several ISIC subsets {sorted(subsets)}; choose one with subset=")
-                name = subset if subset is not None else next(iter(subsets))
-                if name not in subsets:
-                    raise DataError(path, f"no ISIC subset {name!r}; found {sorted(subsets)}")
-                parts = []
-                if "task1" in subsets[name]:
-                    parts.append(create_reader("isic_task1", path, subset=name).read())
-                if "task3" in subsets[name]:
-                    parts.append(create_reader("isic_task3", path, subset=name).read())
-                records.extend(combine(*parts))
-            else:
-                files = _image_files(path)
-                if not files:
-                    raise DataError(path, "no image files found")
-                records.extend(Record(image=p, source="folder") for p in files)
-        else:
-            raise DataError(path, "no such file or folder")
-    seen: dict[str, Path] = {}
-    for record in records:
-        if record.id in seen and Path(seen[record.id]) != Path(record.image):
-            raise DataError(record.image, f"image id {record.id} also names {seen[record.id]}; outputs are named by id")
-        seen[record.id] = Path(record.image)
-    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,183 +136,21 @@ class Prediction:
         return doc
 
 
-def mask_filename(image_id: str) -> str:
-    """File name of the predicted mask of ``image_id`` (the ISIC Task 1 convention)."""
-    return f"{image_id}_segmentation.png"
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writers
-# ---------------------------------------------------------------------------------------------
-
-
-def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    image = Image.fromarray(array, mode=mode) if mode else Image.fromarray(array)
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_mask(path: str | Path, mask: np.ndarray) -> None:
-    """Write a boolean mask as an 8-bit greyscale (mode L) PNG with values {0, 255}, atomically."""
-    atomic_write_bytes(path, _png_bytes(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), "L"))
-
-
-def write_csv(path: str | Path, ids: Sequence[str], probabilities: np.ndarray, class_names: Sequence[str]) -> None:
-    """Write the ISIC Task 3 CSV ``image,<class>...`` atomically (fixed-point floats, never ``1e-05``)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", *class_names])
-    for image_id, row in zip(ids, probabilities, strict=True):
-        writer.writerow([image_id, *(f"{float(p):.10f}" for p in row)])
-    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"), fsync=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Overlays
-# ---------------------------------------------------------------------------------------------
-
-
-def _pick_attention(attention: dict[str, np.ndarray], name: str | None) -> np.ndarray | None:
-    if not attention:
-        return None
-    if name is not None:
-        if name not in attention:
-            raise ValueError(f"no attention map {name!r}; this network has {list(attention)}")
-        return attention[name]
-    # the classifier's map explains the diagnosis; otherwise the deepest (last) one
-    return attention.get("classifier", attention[list(attention)[-1]])
-
-
-def render_overlay(
-    image: np.ndarray,
-    mask: np.ndarray | None = None,
-    attention: np.ndarray | None = None,
-    lines: Sequence[str] = (),
-    alpha: float = 0.35,
-    contour_color: tuple[int, int, int] = (0, 255, 0),
-    extra_mask: np.ndarray | None = None,
-    extra_color: tuple[int, int, int] = (255, 0, 255),
-) -> np.ndarray:
-    """Draw a lesion contour, an attention heat map and a text strip on an image, for people.
-
-    Args:
-        image: (H,W,3) uint8 RGB.
-        mask: boolean mask of any size (resized to the image, nearest); its outer contour is drawn.
-        attention: a (h,w) map of any size in [0,1]: upsampled bilinearly, min-max scaled, coloured
-            with the JET colormap and blended with weight ``alpha``.
-        lines: text lines written on a white strip added below the image (e.g. the top-3 classes).
-        alpha: heat-map weight.
-        contour_color: RGB colour of the ``mask`` contour.
-        extra_mask: a second mask whose contour is drawn in ``extra_color`` (e.g. the truth).
-        extra_color: RGB colour of the ``extra_mask`` contour.
-
-    Returns:
-        (H + strip, W, 3) uint8 RGB; no strip when ``lines`` is empty.
-    """
-    canvas = np.ascontiguousarray(image[..., :3]).copy()
-    height, width = canvas.shape[:2]
-    if attention is not None:
-        heat = cv2.resize(np.asarray(attention, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-        low, high = float(heat.min()), float(heat.max())
-        heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
-        colored = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-        canvas = cv2.addWeighted(canvas, 1.0 - alpha, np.ascontiguousarray(colored), alpha, 0.0)
-    thickness = max(1, round(max(height, width) / 250))
-    for outline, color in ((extra_mask, extra_color), (mask, contour_color)):
-        if outline is None:
-            continue
-        outline = np.asarray(outline, dtype=np.uint8)
-        if outline.shape != (height, width):
-            outline = cv2.resize(outline, (width, height), interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(outline, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas, contours, -1, color, thickness)
-    if not lines:
-        return canvas
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    scale = float(np.clip(width / 500, 0.3, 1.5))
-    for line in lines:  # shrink until the longest line fits
-        while scale > 0.2 and cv2.getTextSize(line, font, scale, 1)[0][0] > width - 6:
-            scale *= 0.9
-    text_thickness = max(1, round(scale * 1.5))
-    line_height = cv2.getTextSize("Ag", font, scale, text_thickness)[0][1] * 2
-    strip = np.full((line_height * len(lines) + line_height // 2, width, 3), 255, np.uint8)
-    for row, line in enumerate(lines):
-        cv2.putText(strip, line, (3, line_height * (row + 1)), font, scale, (0, 0, 0), text_thickness, cv2.LINE_AA)
-    return np.concatenate([canvas, strip], axis=0)
-
-
-def _downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    height, width = image.shape[:2]
-    if max_side is None or max(height, width) <= max_side:
-        return image
-    scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def prediction_overlay(
-    prediction: Prediction, attention_map: str | None = None, max_side: int | None = None, alpha: float = 0.35
-) -> np.ndarray:
-    """The overlay image of one :class:`Prediction` (re-reads its image file)."""
-    from skinfusion.data.imageio import read_image
-
-    image = _downscale(read_image(prediction.image, max_side=max_side), max_side)
-    lines = [f"{name} {prob:.1%}" for name, prob in prediction.top_k(3)]
-    if prediction.mask is not None:
-        lines.append(f"lesion {prediction.mask_area:.1%}")
-    heat = _pick_attention(prediction.attention, attention_map)
-    return render_overlay(image, prediction.mask, heat, lines, alpha=alpha)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_settings(path: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """The input settings (``image_size``, ``normalization``) a checkpoint or exported file records.
+def load_model(path: str | Path) -> tuple[SkinFusionNet, InferenceSettings]:
+    """The network of a skinfusion checkpoint (``.ckpt``, loaded safely) or safetensors export, and its record."""
+    if Path(path).suffix == ".safetensors":
+        from skinfusion.inference.export import load_safetensors_export
 
-    Lightning stores the DataModule's hyperparameters in the checkpoint
-    (``datamodule_hyper_parameters``); ``skinfusion export --format safetensors`` stores them in the
-    file's metadata. Missing settings are simply absent from the result. ``path`` may also be a
-    checkpoint already read with :func:`skinfusion.io.load_checkpoint`.
-    """
-    found: dict[str, Any] = {}
-    if not isinstance(path, Mapping) and Path(path).suffix == ".safetensors":
-        from safetensors import safe_open
+        return load_safetensors_export(path)
+    from skinfusion.training.module import SkinFusionModule
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        for key in ("image_size", "normalization"):
-            if metadata.get(key):
-                found[key] = json.loads(metadata[key])
-        return found
-    from skinfusion.io import load_checkpoint
-
-    ckpt = path if isinstance(path, Mapping) else load_checkpoint(path)
-    for section in ("hyper_parameters", "datamodule_hyper_parameters"):  # the DataModule's wins
-        values = ckpt.get(section) or {}
-        for key in ("image_size", "normalization"):
-            if values.get(key) is not None:
-                found[key] = values[key]
-    return found
-
-
-def _load_model(source: str | Path) -> tuple[nn.Module, list[str] | None, dict[str, Any]]:
-    """The network, its class names and its input settings, reading the file once."""
-    path = Path(source)
-    if path.suffix == ".safetensors":
-        from skinfusion.export import load_safetensors_export
-
-        net, class_names, _ = load_safetensors_export(path)
-        return net, class_names, checkpoint_settings(path)
-    from skinfusion.io import load_checkpoint
-    from skinfusion.module import SkinFusionModule
-
-    ckpt = load_checkpoint(path)
-    module = SkinFusionModule.from_checkpoint(ckpt)
-    return module.net, list(module.class_names), checkpoint_settings(ckpt)
+    module = SkinFusionModule.from_checkpoint(path)
+    return module.net, module.settings
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -505,11 +208,11 @@ class Predictor:
     """Batched prediction on image files, with test-time augmentation and post-processing.
 
     Args:
-        model: a :class:`~skinfusion.module.SkinFusionModule`, any ``nn.Module`` whose
+        model: a :class:`~skinfusion.training.module.SkinFusionModule`, any ``nn.Module`` whose
             ``forward(image, meta=None)`` returns a :class:`~skinfusion.nn.output.SkinFusionOutput`, or
             the path of a skinfusion checkpoint (``.ckpt``, loaded safely) or safetensors export.
-        image_size: network input side; default: the checkpoint's DataModule ``image_size``, else 224.
-        normalization: ``"imagenet"`` or ``"unit"``; default: the checkpoint's, else ``"imagenet"``.
+        image_size: network input side; default: the model's record (:class:`~skinfusion.io.InferenceSettings`).
+        normalization: ``"imagenet"`` or ``"unit"``; default: the model's record.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (CUDA when available).
         batch_size: images per forward pass.
         num_workers: DataLoader workers that decode images in parallel (0: in this process).
@@ -518,9 +221,9 @@ class Predictor:
         postprocess: mask post-processing; default ``PostProcess()`` (threshold 0.5, largest
             component, holes filled).
         temperature: class logits are divided by it before the softmax (see
-            :func:`skinfusion.calibration.fit_temperature`).
-        class_names: names of the class columns; default the module's or checkpoint's, else the
-            first K ISIC classes.
+            :func:`skinfusion.evaluation.calibration.fit_temperature`).
+        class_names: names of the class columns; default: the model's record (the first K ISIC classes for a
+            bare network).
         skip_errors: log and skip unreadable images instead of raising :class:`DataError`.
         progress: show a tqdm progress bar.
 
@@ -538,7 +241,7 @@ class Predictor:
         model: nn.Module | str | Path,
         image_size: int | None = None,
         normalization: str | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         batch_size: int = 8,
         num_workers: int = 0,
         tta: bool = False,
@@ -549,35 +252,36 @@ class Predictor:
         skip_errors: bool = False,
         progress: bool = True,
     ) -> None:
-        settings: dict[str, Any] = {}
+        from skinfusion.training.module import SkinFusionModule
+
         if isinstance(model, (str, Path)):
-            net, stored_names, settings = _load_model(model)
-        else:
-            hparams = getattr(model, "hparams", None) or {}
-            settings = {k: hparams[k] for k in ("image_size", "normalization") if hparams.get(k) is not None}
-            net = getattr(model, "net", model)
-            stored_names = list(getattr(model, "class_names", None) or []) or None
-        image_size = int(image_size or settings.get("image_size") or DEFAULT_IMAGE_SIZE)
-        normalization = normalization or settings.get("normalization") or DEFAULT_NORMALIZATION
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+            net, settings = load_model(model)
+        elif isinstance(model, SkinFusionModule):
+            net, settings = model.net, model.settings
+        elif isinstance(model, SkinFusionNet):
+            net, settings = model, InferenceSettings(model.config, ISIC_CLASSES[: model.num_classes])
+        else:  # a network of another type: its number of classes, if it says, and the arguments
+            net = model
+            settings = InferenceSettings(class_names=ISIC_CLASSES[: getattr(model, "num_classes", len(ISIC_CLASSES))])
+        settings = replace(
+            settings,
+            image_size=image_size or settings.image_size,
+            normalization=normalization or settings.normalization,
+        )
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a positive number, got {temperature}")
-        if normalization not in ("imagenet", "unit"):
-            raise ValueError(f"normalization must be 'imagenet' or 'unit', got {normalization!r}")
-        num_classes = getattr(net, "num_classes", None)
-        names = list(class_names or stored_names or ISIC_CLASSES[: num_classes or len(ISIC_CLASSES)])
-        if num_classes is not None and getattr(net, "classifier", True) is not None and len(names) != num_classes:
-            raise ValueError(f"{len(names)} class names {names} for a {num_classes}-class network")
+        names = list(class_names or settings.class_names)
+        if len(names) != len(settings.class_names):
+            raise ValueError(f"{len(names)} class names {names} for a {len(settings.class_names)}-class network")
         self.device = _resolve_device(device)
         self.net = net.to(self.device).eval()
         self.class_names = tuple(names)
-        self.image_size = image_size
-        self.normalization = normalization
+        self.image_size = settings.image_size
+        self.normalization = settings.normalization
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.tta = tta or rot90
@@ -586,7 +290,7 @@ class Predictor:
         self.temperature = float(temperature)
         self.skip_errors = skip_errors
         self.progress = progress
-        self.meta_dim = int(getattr(net, "meta_dim", 0) or 0)
+        self.meta_dim = int(settings.net_config.get("meta_dim", 0))
 
     def __repr__(self) -> str:
         return (
@@ -606,7 +310,7 @@ class Predictor:
             images (B,3,S,S) -> mask probabilities (B,1,S,S) | None, class probabilities (B,K) | None,
             attention maps {name: (B,1,h,w)} (of the un-augmented view).
         """
-        from skinfusion.calibration import tta_flips
+        from skinfusion.inference.tta import tta_flips
 
         images = images.to(self.device, non_blocking=True)
         meta = None if meta is None else meta.to(self.device, non_blocking=True)
@@ -639,7 +343,7 @@ class Predictor:
         """Predict the images of ``records`` in batches (a lazy iterator, in input order)."""
         from tqdm.auto import tqdm
 
-        records = list(records)
+        records = [r for r in records if self._readable(r)]  # every file's header first: fail before any output
         dataset = _ImageDataset(records, self.image_size, self.normalization, meta=self.meta_dim > 0)
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -658,10 +362,27 @@ class Predictor:
                     elif self.skip_errors:
                         log.warning("skipping unreadable image: %s", item["error"])
                     else:
-                        raise item["error"]
+                        raise self._unreadable(item["error"])
                 if good:
                     yield from self._predict_items(good, records)
                 bar.update(len(items))
+
+    def _readable(self, record: Record) -> bool:
+        """Whether the file has a readable image header; if not it raises, or is skipped with ``skip_errors``."""
+        from skinfusion.data.imageio import image_size
+
+        try:
+            image_size(record.image)
+        except DataError as error:
+            if not self.skip_errors:
+                raise self._unreadable(error) from None
+            log.warning("skipping unreadable image: %s", error)
+            return False
+        return True
+
+    @staticmethod
+    def _unreadable(error: DataError) -> DataError:
+        return DataError(error.path, f"{error.reason} (skip_errors=True, or --skip-errors, skips unreadable images)")
 
     def _predict_items(self, items: list[dict[str, Any]], records: Sequence[Record]) -> Iterator[Prediction]:
         images = torch.stack([item["image"] for item in items])
@@ -737,10 +458,10 @@ class Predictor:
                 rows.append(prediction.probabilities)
             if overlays:
                 overlay = prediction_overlay(prediction, attention_map=attention_map, max_side=overlay_max_side)
-                atomic_write_bytes(out_dir / OVERLAYS_DIR / f"{prediction.id}_overlay.png", _png_bytes(overlay))
+                atomic_write(out_dir / OVERLAYS_DIR / f"{prediction.id}_overlay.png", png_bytes(overlay))
             if json:
                 text = json_module.dumps(prediction.to_json(), indent=2)
-                atomic_write_bytes(out_dir / JSON_DIR / f"{prediction.id}.json", text.encode("utf-8"))
+                atomic_write(out_dir / JSON_DIR / f"{prediction.id}.json", text)
         csv_path = None
         if csv and rows:
             if len(rows) != len(ids):
@@ -774,13 +495,12 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="input normalisation (default: checkpoint's)",
     )
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    group.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     group.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
     group.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips (4 views)")
     group.add_argument("--rot90", action="store_true", help="also 90-degree rotations and transposes (8 views)")
     group.add_argument("--temperature", type=float, default=1.0, help="divide class logits by T before softmax")
-    add_no_tuning_flag(group, "~1.1x faster on CPU")
     post = parser.add_argument_group("mask post-processing")
     post.add_argument("--threshold", type=float, default=0.5, help="lesion where probability > this (default: 0.5)")
     post.add_argument("--opening-radius", type=int, default=0, help="morphological opening radius in pixels")
@@ -792,8 +512,11 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predictor_from_args(args: argparse.Namespace) -> Predictor:
     """Build the :class:`Predictor` that :func:`add_predictor_arguments`'s options describe."""
-    if not getattr(args, "no_malloc_tuning", False):
-        tune_malloc()
+    with config_errors():
+        return _predictor_from_args(args)
+
+
+def _predictor_from_args(args: argparse.Namespace) -> Predictor:
     postprocess = PostProcess(
         threshold=args.threshold,
         fill_holes=not args.no_fill_holes,
@@ -827,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Outputs: OUT/masks/<id>_segmentation.png, OUT/predictions.csv, OUT/overlays/<id>_overlay.png, "
-            "OUT/json/<id>.json. Example: skinfusion predict-images --ckpt best.ckpt ISIC2018_Task1-2_Test_Input "
+            "OUT/json/<id>.json. Example: skinfusion predict --ckpt best.ckpt ISIC2018_Task1-2_Test_Input "
             "--out submission --tta --overlays"
         ),
     )
@@ -853,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``skinfusion predict-images``: predict files and write masks, CSV, overlays and JSON.
+    """``skinfusion predict``: predict files and write masks, CSV, overlays and JSON.
 
     Returns:
         The summary of :meth:`Predictor.write` (also printed).
@@ -873,7 +596,3 @@ def predict_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(json.dumps(summary, indent=2))
     return summary
-
-
-if __name__ == "__main__":
-    predict_main()

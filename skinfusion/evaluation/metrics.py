@@ -2,7 +2,7 @@
 
 These work at the training resolution and are correct under DDP (every state is a sum that
 torchmetrics all-reduces). The ISIC challenge's own numbers at the original image resolution
-come from :mod:`skinfusion.metrics.isic`.
+come from :mod:`skinfusion.evaluation.isic`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class SegmentationScores(Metric):
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.threshold = threshold
         self.jaccard_threshold = jaccard_threshold
-        for name in ("dice", "jaccard", "jaccard_thresholded", "count"):
+        for name in ("dice", "jaccard", "threshold_jaccard", "count"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, mask_logits: Tensor, target: Tensor) -> None:
@@ -63,7 +63,7 @@ class SegmentationScores(Metric):
         dice = torch.where(union > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.ones_like(tp))
         self.dice += dice.sum()
         self.jaccard += jaccard.sum()
-        self.jaccard_thresholded += torch.where(jaccard >= self.jaccard_threshold, jaccard, 0.0).sum()
+        self.threshold_jaccard += torch.where(jaccard >= self.jaccard_threshold, jaccard, 0.0).sum()
         self.count += pred.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
@@ -71,34 +71,36 @@ class SegmentationScores(Metric):
         return {
             "dice": (self.dice / n).float(),
             "jaccard": (self.jaccard / n).float(),
-            "jaccard_thresholded": (self.jaccard_thresholded / n).float(),
+            "threshold_jaccard": (self.threshold_jaccard / n).float(),
         }
 
 
 def segmentation_metrics(threshold: float = 0.5) -> MetricCollection:
-    """The segmentation collection: ``dice``, ``jaccard``, ``jaccard_thresholded`` (per image, mean)."""
+    """The segmentation collection: ``dice``, ``jaccard``, ``threshold_jaccard`` (per image, mean)."""
     return MetricCollection({"seg": SegmentationScores(threshold=threshold)})
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
     """The classification collection; label ``-1`` (unknown) is ignored by every metric.
 
-    ``balanced_acc`` is the ISIC 2018 Task 3 ranking metric (mean per-class recall).
+    Names are the ISIC scorer's where it computes the same number: ``accuracy``, ``balanced_accuracy`` (the ISIC
+    2018 Task 3 ranking metric, the mean per-class recall) and ``auc`` (macro one-vs-rest). ``precision``,
+    ``recall`` and ``f1`` (per class and macro) score the arg-max prediction, which the scorer's one-vs-rest
+    ``ppv``/``sensitivity``/``dice`` at probability 0.5 do not.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     kw = {"num_classes": num_classes, "ignore_index": IGNORE_INDEX}
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(average="micro", **kw),
-            "balanced_acc": MulticlassRecall(average="macro", **kw),
+            "accuracy": MulticlassAccuracy(average="micro", **kw),
+            "balanced_accuracy": MulticlassRecall(average="macro", **kw),
             "precision_macro": MulticlassPrecision(average="macro", **kw),
-            "recall_macro": MulticlassRecall(average="macro", **kw),
             "f1_macro": MulticlassF1Score(average="macro", **kw),
             "precision": MulticlassPrecision(average="none", **kw),
             "recall": MulticlassRecall(average="none", **kw),
             "f1": MulticlassF1Score(average="none", **kw),
-            "auroc": MulticlassAUROC(average="macro", **kw),
+            "auc": MulticlassAUROC(average="macro", **kw),
             "confmat": MulticlassConfusionMatrix(**kw),
         }
     )
