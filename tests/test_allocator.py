@@ -95,7 +95,9 @@ def test_a_training_run_gives_identical_weights_with_and_without_tuning():
     import json, sys
     import pytorch_lightning as pl, torch
     from skinfusion import SkinFusionModule, SkinFusionNet, SkinFusionDataModule
-        tuned = sys.argv[1] == "tuned"
+    from skinfusion.allocator import tune_malloc
+    if sys.argv[1] == "tuned":
+        tune_malloc()
     torch.manual_seed(0)
     module = SkinFusionModule(SkinFusionNet("test_resnet", decoder_channels=[32, 16, 16, 8, 8]))
     data = SkinFusionDataModule(synthetic_samples=24, synthetic_size=64, image_size=48, batch_size=4, num_workers=0)

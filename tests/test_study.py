@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -150,7 +151,8 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
         "--config",
         str(tmp_path / "tiny.yaml"),
         "--variant",
-        "plain:model.net.init_args.attention=null",
+        # The paper's baseline form: no attention and no decoder (scored on diagnosis alone).
+        "plain:model.net.init_args.attention=null,model.net.init_args.decoder=false,model.net.init_args.fusion=none",
         "--variant",
         "cbam:model.net.init_args.attention=cbam",
         "--max-steps",
@@ -173,8 +175,14 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
     result = json.loads((plain / "result.json").read_text())
     assert result["checkpoint"].endswith(".ckpt")
     assert result["isic"]["task3/num_images"] == len(result["per_image"]["label"]) > 0
+    plain_row, cbam_row = summary["rows"]
+    assert math.isnan(plain_row["threshold_jaccard"])  # no segmentation head: not measured...
+    assert 0.0 <= cbam_row["threshold_jaccard"] <= 1.0  # ...while the decoder variant is
+    assert all(math.isnan(x) for x in summary["comparisons"][0]["threshold_jaccard"])
+    assert not math.isnan(summary["comparisons"][0]["balanced_accuracy"][0])
     md = (out / "study.md").read_text()
     assert "| plain |" in md
+    assert "—" in md
     assert "| cbam | plain |" in md
 
     # Resume: a deleted run is redone, the finished one is kept untouched.

@@ -333,6 +333,9 @@ def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: P
 
     records, class_names = _truth_records(data, split)
     predictor = Predictor(checkpoint, device=device, progress=False)
+    if getattr(predictor.net, "decoder", None) is None:
+        # No segmentation head (the paper's baseline and attention variants): diagnosis is all it is scored on.
+        records = [dataclasses.replace(r, mask=None) for r in records if r.label is not None]
     metrics = evaluate(predictor, records, out_dir, worst=4)
     per_image: dict[str, Any] = {"ids": [r.id for r in records]}
     seg_path = out_dir / "per_image_segmentation.csv"
@@ -550,10 +553,18 @@ def _arrays(results: dict, names: list[str], seeds: list[int]) -> dict[str, Any]
         arrays["probabilities"] = np.array(
             [[[results[n, s]["per_image"]["probabilities"][i] for i in ids] for s in seeds] for n in names]
         )
-    if "threshold_jaccard" in first:
-        ids = sorted(first["threshold_jaccard"])
+    # Variants without a decoder (the paper's baseline and attention) have no segmentation scores: NaN rows.
+    segmenting = [n for n in names if "threshold_jaccard" in results[n, seeds[0]]["per_image"]]
+    if segmenting:
+        ids = sorted(results[segmenting[0], seeds[0]]["per_image"]["threshold_jaccard"])
         for key in ("threshold_jaccard", "dice"):
-            arrays[key] = np.array([[[results[n, s]["per_image"][key][i] for i in ids] for s in seeds] for n in names])
+            arrays[key] = np.array(
+                [
+                    [[results[n, s]["per_image"][key][i] for i in ids] if n in segmenting else [math.nan] * len(ids)]
+                    for n in names
+                    for s in seeds
+                ]
+            ).reshape(len(names), len(seeds), len(ids))
     return arrays
 
 
@@ -605,6 +616,9 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
                 continue
             entry: dict[str, Any] = {"variant": names[v], "against": names[reference], "kind": label}
             for metric in metrics:
+                if METRICS[metric][1] == "seg" and np.isnan(arrays[metric][[v, reference]]).all(axis=(1, 2)).any():
+                    entry[metric] = (math.nan, math.nan, math.nan)  # one of the two does not segment
+                    continue
                 stat_a, n = _statistic(arrays, metric, v)
                 stat_b, _ = _statistic(arrays, metric, reference)
                 entry[metric] = bootstrap_difference(stat_a, stat_b, n, n_resamples=n_resamples)
@@ -628,11 +642,15 @@ def _write_csv(path: Path, rows: list[dict], comparisons: list[dict], metrics: l
 
 
 def _pm(value: float, sd: float) -> str:
+    if math.isnan(value):
+        return "—"  # not measured (no segmentation head)
     return f"{value:.3f}" if math.isnan(sd) else f"{value:.3f} ± {sd:.3f}"
 
 
 def _interval(value: tuple[float, float, float]) -> str:
     estimate, low, high = value
+    if math.isnan(estimate):
+        return "—"
     mark = " *" if low > 0 or high < 0 else ""
     return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
 
@@ -647,7 +665,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         "",
         f"{len(rows)} variants x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), scored on the "
         f"`{spec['split']}` split at the original resolution: {n_cls} labelled images (diagnosis), "
-        f"{n_seg} images with a mask (segmentation). Mean ± sd over seeds.",
+        f"{n_seg} images with a mask (segmentation). Mean ± sd over seeds; — : not measured (a variant without"
+        " the decoder has no segmentation output).",
         "",
         "| variant | " + " | ".join(METRICS[m][0] for m in metrics) + " | steps | fit min |",
         "| --- | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: |",
@@ -695,20 +714,22 @@ def _markdown(summary: dict[str, Any]) -> str:
 def _plot(path: Path, comparisons: list[dict], metrics: list[str]) -> None:
     from matplotlib.figure import Figure
 
-    against_baseline = [c for c in comparisons if c["kind"] == "baseline"]
+    against_baseline = comparisons  # to the baseline, and to the row above
     figure = Figure(figsize=(3.0 * len(metrics), 0.6 + 0.45 * max(len(against_baseline), 1)))
     axes = figure.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
     labels = [f"{c['variant']} − {c['against']}" for c in against_baseline]
     for ax, metric in zip(axes, metrics, strict=True):
         for y, c in enumerate(against_baseline):
             estimate, low, high = c[metric]
+            if math.isnan(estimate):
+                continue  # not measured for one of the two
             colour = "tab:blue" if low > 0 else "tab:red" if high < 0 else "tab:gray"
             ax.errorbar(estimate, y, xerr=[[estimate - low], [high - estimate]], fmt="o", color=colour, capsize=3)
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_title(METRICS[metric][0], fontsize=9)
         ax.set_yticks(range(len(labels)), labels)
         ax.tick_params(axis="x", labelsize=8)
-    figure.suptitle("difference to the baseline, 95% paired bootstrap interval", fontsize=10)
+    figure.suptitle("differences (to the baseline, to the row above), 95% paired bootstrap interval", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
