@@ -318,6 +318,7 @@ def evaluate(
     worst: int = 8,
     subset: str | None = None,
     split: str | None = None,
+    explain: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Score predictions against the truth and write an evaluation report folder (see the module docstring).
 
@@ -332,6 +333,10 @@ def evaluate(
         worst: number of images in ``worst_segmentations/`` (0: none).
         subset: ISIC subset when a layout folder holds several.
         split: keep only records whose ``meta["split"]`` is this (``train``/``val``/``test``).
+        explain: also measure whether the maps look at the lesion (needs a Predictor): ``attention`` (every
+            attention map) and/or ``gradcam``/``gradcam++``, against a uniform map
+            (:func:`~skinfusion.inference.explain.measure_lesion_focus`): ``explain.md``, ``explain/*.png``
+            and ``explain/<map>/{mass_inside,pointing_game}`` in ``metrics.json``.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -347,7 +352,10 @@ def evaluate(
         if not records:
             raise DataError(None, f"no record in split {split!r}")
     records = [r for r in records if r.mask or r.label]
+    if explain and not isinstance(predictions, Predictor):
+        raise ValueError("explain needs a model to explain (--ckpt), not a folder of predictions")
     if isinstance(predictions, Predictor):
+        focus = _lesion_focus(predictions, records, explain, out_dir) if explain else {}
         predictions.write(predictions.predict_records(records), out_dir / "predictions", masks=True, csv=True)
         predictions = out_dir / "predictions"
     masks_dir, csv_path = _prediction_files(predictions)
@@ -359,6 +367,9 @@ def evaluate(
         table = per_class_table(classification["truth"], classification["probabilities"], classification["class_names"])
         for name, row in table.items():
             metrics.update({f"task3/argmax/{key}/{name}": row[key] for key in _ARGMAX_COLUMNS})
+    if explain:
+        for name, row in focus.items():
+            metrics.update({f"explain/{name}/{key}": row[key] for key in ("mass_inside", "pointing_game")})
     report = {k: _json_value(v) for k, v in metrics.items()}
     if classification is not None:
         matrix = confusion_matrix(classification["truth"], classification["probabilities"])
@@ -385,6 +396,33 @@ def evaluate(
     return report
 
 
+def _lesion_focus(
+    predictor: Predictor, records: Sequence[Record], methods: Sequence[str], out_dir: Path
+) -> dict[str, dict[str, float]]:
+    """Measure and write the lesion focus of the maps (``explain.md``, example overlays in ``explain/``)."""
+    from skinfusion.inference.explain import measure_lesion_focus
+
+    table, overlays = measure_lesion_focus(predictor, records, methods)
+    uniform = table.get("uniform", {})
+    lines = [
+        "# Do the maps look at the lesion?",
+        "",
+        f"{uniform.get('images', 0)} images with a true mask, each map compared at the network's input size "
+        f"({predictor.image_size} px). *Mass inside*: the share of the map's mass inside the true lesion; "
+        "*pointing game*: how often the map's maximum lies inside it. The uniform map (looking everywhere) "
+        "scores the lesion's share of the image on both: a map does better than chance only above that row.",
+        "",
+        "| map | mass inside | pointing game |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, row in sorted(table.items(), key=lambda item: (item[0] == "uniform", item[0])):
+        lines.append(f"| {name} | {row['mass_inside']:.3f} | {row['pointing_game']:.3f} |")
+    atomic_write(out_dir / "explain.md", "\n".join(lines) + "\n")
+    for index, overlay in enumerate(overlays):
+        atomic_write(out_dir / "explain" / f"example_{index}.png", png_bytes(overlay))
+    return table
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skinfusion evaluate",
@@ -404,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=("train", "val", "test"), default=None, help="only this manifest split")
     parser.add_argument("--worst", type=int, default=8, help="images in the worst-segmentation gallery (default: 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--explain",
+        nargs="*",
+        choices=("attention", "gradcam", "gradcam++"),
+        default=None,
+        metavar="METHOD",
+        help="also measure whether the maps look at the true lesion (explain.md): attention (every attention map), "
+        "gradcam, gradcam++; --explain alone: attention and gradcam",
+    )
     add_predictor_arguments(parser)
     for action in parser._actions:  # --ckpt is needed only without --predictions
         if action.dest == "ckpt":
@@ -418,7 +465,16 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if (args.predictions is None) == (args.ckpt is None):
         parser.error("give exactly one of --predictions and --ckpt")
     source = predictor_from_args(args) if args.ckpt else args.predictions
-    report = evaluate(source, args.truth, args.out, worst=args.worst, subset=args.subset, split=args.split)
+    explain = None if args.explain is None else (args.explain or ["attention", "gradcam"])
+    if explain and args.ckpt is None:
+        parser.error("--explain needs --ckpt (a model to explain)")
+    if explain and "attention" in explain and not getattr(source.net, "config", {}).get("attention"):
+        explain = [m for m in explain if m != "attention"]  # a network without attention: Grad-CAM only
+        if not explain:
+            parser.error("--explain attention: this network has no attention map; use gradcam")
+    report = evaluate(
+        source, args.truth, args.out, worst=args.worst, subset=args.subset, split=args.split, explain=explain
+    )
     headline = {k: v for k, v in report.items() if k in ("task1/threshold_jaccard", "task3/balanced_accuracy")}
     print(json.dumps({"out": str(args.out), **headline}, indent=2))
     return report

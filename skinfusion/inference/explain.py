@@ -15,13 +15,22 @@ mass inside equals the share of the image the lesion covers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EXPLAIN_METHODS", "ClassLogits", "explain", "gradcam_layer", "lesion_focus", "pick_attention"]
+__all__ = [
+    "EXPLAIN_METHODS",
+    "ClassLogits",
+    "explain",
+    "gradcam_layer",
+    "lesion_focus",
+    "measure_lesion_focus",
+    "pick_attention",
+]
 
 #: What ``predict --explain`` and :func:`explain` accept.
 EXPLAIN_METHODS = ("attention", "gradcam", "gradcam++")
@@ -143,3 +152,98 @@ def lesion_focus(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
         "pointing_hit": float(mask.flat[int(np.argmax(heat))]) if total > 0 else lesion_share,
         "lesion_share": lesion_share,
     }
+
+
+def measure_lesion_focus(
+    predictor: Any,
+    records: Sequence[Any],
+    methods: Sequence[str] = ("attention", "gradcam"),
+    examples: int = 3,
+) -> tuple[dict[str, dict[str, float]], list[np.ndarray]]:
+    """Do the maps look at the lesion? :func:`lesion_focus` of every map, averaged over the images with a mask.
+
+    Each map is compared at the network's input resolution with the true mask resized to it (nearest), the way
+    the image itself was resized. ``attention`` stands for every attention map the network returns; ``gradcam``
+    / ``gradcam++`` explain the predicted class. A ``uniform`` row gives what a map that looks everywhere
+    scores: its mass inside is the lesion's share of the image, and so is its expected pointing-game hit rate.
+
+    Args:
+        predictor: a :class:`~skinfusion.inference.predictor.Predictor`.
+        records: records with a ``mask`` (others are skipped).
+        methods: ``attention`` and/or Grad-CAM methods.
+        examples: overlays returned for the first images (image, true contour, Grad-CAM or attention heat).
+
+    Returns:
+        ``({map: {"mass_inside", "pointing_game", "images"}}, [overlay images])``.
+    """
+    import copy
+
+    import cv2
+
+    from skinfusion.data.imageio import read_image, read_mask
+    from skinfusion.inference.overlay import render_overlay
+
+    unknown = [m for m in methods if m not in EXPLAIN_METHODS]
+    if unknown:
+        raise ValueError(f"unknown explanation {unknown}; choose from {list(EXPLAIN_METHODS)}")
+    cams = [m for m in methods if m != "attention"]
+    records = [r for r in records if r.mask is not None]
+    sums: dict[str, list[float]] = {}
+    overlays: list[np.ndarray] = []
+
+    def add(name: str, heat: np.ndarray, truth: np.ndarray) -> None:
+        focus = lesion_focus(heat, truth)
+        total = sums.setdefault(name, [0.0, 0.0, 0.0])
+        total[0] += focus["mass_inside"]
+        total[1] += focus["pointing_hit"]
+        total[2] += 1
+
+    runs = []
+    for method in cams or [None]:
+        run = copy.copy(predictor)
+        run.explain = method
+        runs.append(run)
+    heats: dict[str, dict[str, np.ndarray]] = {}
+    for run in runs:
+        for prediction in run.predict_records(records):
+            maps = heats.setdefault(prediction.id, {})
+            if prediction.heat is not None:
+                maps[prediction.explain_method] = prediction.heat
+            if "attention" in methods:
+                maps.update({f"attention {k}": v for k, v in prediction.attention.items()})
+    if "attention" in methods and not any(k.startswith("attention") for m in heats.values() for k in m):
+        raise ValueError("this network returns no attention map (attention is off): measure gradcam only")
+    size = predictor.image_size
+    for record in records:
+        maps = heats.get(record.id)
+        if not maps:
+            continue
+        truth = cv2.resize(read_mask(record.mask).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        truth = truth.astype(bool)
+        add("uniform", np.ones(truth.shape, np.float32), truth)
+        for name, heat in maps.items():
+            if heat.shape != truth.shape:
+                heat = cv2.resize(np.asarray(heat, np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+            add(name, heat, truth)
+        if len(overlays) < examples:
+            name = next((m for m in cams if m in maps), sorted(maps)[-1])
+            image = read_image(record.image)
+            heat = maps[name]
+            lines = [f"{record.id}: {name}", "green: true lesion"]
+            overlays.append(
+                render_overlay(
+                    image,
+                    None,
+                    heat,
+                    lines,
+                    extra_mask=read_mask(record.mask).astype(bool),
+                    extra_color=(0, 255, 0),
+                    alpha=0.45,
+                )
+            )
+    table = {}
+    for name, (mass, hits, n) in sums.items():
+        # A uniform map's argmax is arbitrary: its expected hit rate is the lesion's share, like its mass.
+        hit_rate = mass / n if name == "uniform" else hits / n
+        table[name] = {"mass_inside": mass / n, "pointing_game": hit_rate, "images": int(n)}
+    return table, overlays

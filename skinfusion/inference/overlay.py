@@ -111,5 +111,9 @@ def prediction_overlay(
     lines = [f"{name} {prob:.1%}" for name, prob in prediction.top_k(3)]
     if prediction.mask is not None:
         lines.append(f"lesion {prediction.mask_area:.1%}")
-    heat = _pick_attention(prediction.attention, attention_map)
+    if prediction.heat is not None:  # an explanation asked for is what the overlay shows
+        heat = prediction.heat
+        lines.append(f"heat: {prediction.explain_method} of {prediction.predicted_class}")
+    else:
+        heat = _pick_attention(prediction.attention, attention_map)
     return render_overlay(image, prediction.mask, heat, lines, alpha=alpha)

@@ -17,8 +17,9 @@ file). For every image it
     out_dir/
       masks/ISIC_0012345_segmentation.png   8-bit L, values {0,255}, original size (ISIC Task 1)
       predictions.csv                       image,MEL,NV,BCC,AKIEC,BKL,DF,VASC (ISIC Task 3)
-      overlays/ISIC_0012345_overlay.png     contour + attention heat map + top-3 classes
+      overlays/ISIC_0012345_overlay.png     contour + heat map (explanation, else attention) + top-3 classes
       json/ISIC_0012345.json                probabilities, predicted class, mask area, map names
+      explanations/ISIC_0012345_gradcam.png with ``explain``: the top class's map, 8-bit, network size
 
 Masks live in their own folder because the official scorer matches a prediction to an image by the
 7-digit number in *any* file name of the folder. Every file is written atomically (a temporary file
@@ -92,6 +93,9 @@ class Prediction:
         class_names: the K class names, in column order.
         attention: spatial attention maps ``(h, w)`` in [0, 1], by name (``skip.4``, ``classifier``...).
         record: the input record (truth, metadata), when there was one.
+        heat: with a :class:`Predictor` ``explain`` method, the explanation of the top class at the network's
+            resolution ``(S, S)`` in [0, 1] (:attr:`explanation` gives it at the original size).
+        explain_method: that method (``attention``, ``gradcam``, ``gradcam++``), else ``None``.
     """
 
     id: str
@@ -103,6 +107,20 @@ class Prediction:
     class_names: tuple[str, ...]
     attention: dict[str, np.ndarray] = field(default_factory=dict)
     record: Record | None = None
+    heat: np.ndarray | None = None
+    explain_method: str | None = None
+
+    @property
+    def explanation(self) -> np.ndarray | None:
+        """The explanation map at the original image size ``(height, width)``, float32 in [0, 1] (or ``None``).
+
+        Resized bilinearly from :attr:`heat` on each access (it is not kept at full size).
+        """
+        if self.heat is None:
+            return None
+        import cv2
+
+        return np.clip(cv2.resize(self.heat, self.size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
 
     @property
     def predicted_class(self) -> str | None:
@@ -133,7 +151,22 @@ class Prediction:
             doc["mask_area_fraction"] = self.mask_area
             doc["mask_file"] = mask_filename(self.id)
         doc["attention_maps"] = list(self.attention)
+        if self.heat is not None:
+            doc["explanation"] = {
+                "method": self.explain_method,
+                "class": self.predicted_class,
+                "file": f"{EXPLANATIONS_DIR}/{explanation_filename(self.id, self.explain_method)}",
+                "size": list(self.heat.shape[::-1]),  # network resolution, stretched over the whole image
+            }
         return doc
+
+
+EXPLANATIONS_DIR = "explanations"
+
+
+def explanation_filename(image_id: str, method: str | None) -> str:
+    """``<id>_<method>.png`` (``gradcam++`` written ``gradcampp``)."""
+    return f"{image_id}_{(method or 'map').replace('+', 'p')}.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +284,9 @@ class Predictor:
         class_names: Sequence[str] | None = None,
         skip_errors: bool = False,
         progress: bool = True,
+        explain: str | None = None,
     ) -> None:
+        from skinfusion.inference.explain import EXPLAIN_METHODS
         from skinfusion.training.module import SkinFusionModule
 
         if isinstance(model, (str, Path)):
@@ -272,6 +307,13 @@ class Predictor:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if explain is not None and explain not in EXPLAIN_METHODS:
+            raise ValueError(f"unknown explanation {explain!r}; choose one of {list(EXPLAIN_METHODS)}")
+        config = getattr(net, "config", {})
+        if explain == "attention" and config and not config.get("attention"):
+            raise ValueError("explain='attention' needs a network with attention (this one has none): use gradcam")
+        if explain in ("gradcam", "gradcam++") and config and not config.get("classifier", True):
+            raise ValueError(f"explain={explain!r} explains a class: this network has no classifier")
         if not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a positive number, got {temperature}")
         names = list(class_names or settings.class_names)
@@ -291,6 +333,7 @@ class Predictor:
         self.skip_errors = skip_errors
         self.progress = progress
         self.meta_dim = int(settings.net_config.get("meta_dim", 0))
+        self.explain = explain
 
     def __repr__(self) -> str:
         return (
@@ -391,6 +434,14 @@ class Predictor:
         mask_prob = None if mask_prob is None else mask_prob[:, 0].cpu().numpy()
         class_prob = None if class_prob is None else class_prob.double().cpu().numpy()
         attention = {k: v[:, 0].cpu().numpy() for k, v in attention.items()}
+        heat = None
+        if self.explain is not None:
+            from skinfusion.inference.explain import explain
+
+            top = None if class_prob is None else class_prob.argmax(1).tolist()
+            device_meta = None if meta is None else meta.to(self.device)
+            with torch.enable_grad():
+                heat = explain(self.net, images.to(self.device), self.explain, classes=top, meta=device_meta)
         for row, item in enumerate(items):
             record = records[item["index"]]
             width, height = item["size"]
@@ -410,6 +461,8 @@ class Predictor:
                 class_names=self.class_names,
                 attention={k: v[row] for k, v in attention.items()},
                 record=record,
+                heat=None if heat is None else heat[row],
+                explain_method=self.explain,
             )
 
     # ------------------------------------------------------------------ writing
@@ -459,6 +512,10 @@ class Predictor:
             if overlays:
                 overlay = prediction_overlay(prediction, attention_map=attention_map, max_side=overlay_max_side)
                 atomic_write(out_dir / OVERLAYS_DIR / f"{prediction.id}_overlay.png", png_bytes(overlay))
+            if prediction.heat is not None:
+                name = explanation_filename(prediction.id, prediction.explain_method)
+                heat_png = png_bytes((np.clip(prediction.heat, 0.0, 1.0) * 255).round().astype(np.uint8))
+                atomic_write(out_dir / EXPLANATIONS_DIR / name, heat_png)
             if json:
                 text = json_module.dumps(prediction.to_json(), indent=2)
                 atomic_write(out_dir / JSON_DIR / f"{prediction.id}.json", text)
@@ -474,6 +531,7 @@ class Predictor:
             "csv": None if csv_path is None else str(csv_path),
             "overlays": str(out_dir / OVERLAYS_DIR) if overlays and ids else None,
             "json": str(out_dir / JSON_DIR) if json and ids else None,
+            "explanations": str(out_dir / EXPLANATIONS_DIR) if self.explain and ids else None,
         }
 
 
@@ -538,6 +596,7 @@ def _predictor_from_args(args: argparse.Namespace) -> Predictor:
         temperature=args.temperature,
         skip_errors=getattr(args, "skip_errors", False),
         progress=not getattr(args, "no_progress", False),
+        explain=args.explain if isinstance(getattr(args, "explain", None), str) else None,
     )
 
 
@@ -569,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="write one JSON file per image")
     out.add_argument("--overlay-max-side", type=int, default=None, help="downscale overlays to this longest side")
     out.add_argument("--attention-map", default=None, help="attention map in overlays (default: classifier/last)")
+    out.add_argument(
+        "--explain",
+        choices=("attention", "gradcam", "gradcam++"),
+        default=None,
+        help="explain the top class: its map in the overlays, explanations/<id>_<method>.png and the JSON",
+    )
     out.add_argument("--csv-name", default=CSV_NAME, help=f"CSV file name (default: {CSV_NAME})")
     out.add_argument("--skip-errors", action="store_true", help="skip unreadable images instead of stopping")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
