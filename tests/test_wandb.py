@@ -213,6 +213,17 @@ def test_attention_heat_maps_are_logged(fit_run):
             assert (fit_run["dir"] / "files" / name).is_file()
 
 
+def test_gradcam_panel_beside_the_attention_maps(fit_run):
+    (row,) = _rows_with(fit_run["history"], "val/gradcam")[-1:]
+    assert row["val/gradcam/count"] == NUM_IMAGES
+    for name in row["val/gradcam/filenames"]:
+        assert (fit_run["dir"] / "files" / name).is_file()
+    # Logged with the attention maps, at the same validation steps.
+    steps = [r["_step"] for r in _rows_with(fit_run["history"], "val/gradcam")]
+    assert steps == [r["_step"] for r in _rows_with(fit_run["history"], "val/attention/skip.0")]
+    assert len(steps) == EPOCHS
+
+
 def test_confusion_matrix_and_per_class_table(fit_run):
     val, classes = fit_run["val"], fit_run["class_names"]
     labelled = sum(int(val[i]["label"]) >= 0 for i in range(len(val)))

@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from skinfusion.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -331,6 +331,8 @@ class WandbPanels(pl.Callback):
     * ``val/panel``: ``num_images`` images with ``prediction`` and ``ground_truth`` mask overlays,
       captioned with the image id, the true and the predicted class;
     * ``val/attention/<map>``: the attention maps as heat maps over the same images;
+    * ``val/gradcam``: Grad-CAM (or Grad-CAM++) of each image's predicted class over the same images, beside
+      the attention maps (:func:`~skinfusion.inference.explain.explain`);
     * ``val/confusion_matrix``: W&B's confusion matrix chart (from the module's ``last_confmat``);
     * ``val/per_class``: a table of precision, recall, F1 and support per class.
 
@@ -347,6 +349,8 @@ class WandbPanels(pl.Callback):
         normalization: how the images were normalised; ``"auto"``: as the module's inference record says (the
             DataModule's ``normalization``).
         mask_threshold: probability above which a predicted pixel is lesion.
+        explain: ``gradcam`` or ``gradcam++`` for the ``val/gradcam`` panel, ``None``: none. A failure there
+            logs one warning and turns the panel off; it never stops training.
     """
 
     def __init__(
@@ -356,6 +360,7 @@ class WandbPanels(pl.Callback):
         attention_maps: list[str] | None = None,
         normalization: Literal["auto", "unit", "imagenet"] = "auto",
         mask_threshold: float = 0.5,
+        explain: Literal["gradcam", "gradcam++"] | None = "gradcam",
     ) -> None:
         if num_images < 0:
             raise ValueError(f"num_images must be >= 0, got {num_images}")
@@ -370,6 +375,9 @@ class WandbPanels(pl.Callback):
         self.attention_maps = None if attention_maps is None else list(attention_maps)
         self.normalization = normalization
         self.mask_threshold = mask_threshold
+        if explain not in (None, "gradcam", "gradcam++"):
+            raise ValueError(f"explain must be 'gradcam', 'gradcam++' or None, got {explain!r}")
+        self.explain = explain
         self._said_noop = False
 
     # ------------------------------------------------------------------ hooks
@@ -481,7 +489,33 @@ class WandbPanels(pl.Callback):
                 wandb.Image(heatmap(image, attention[key][k, 0].float().cpu().numpy(), alpha=0.5), caption=ids[k])
                 for k, image in enumerate(images)
             ]
+        if self.explain is not None and class_prob is not None:
+            cams = self._gradcam(net, batch, dtype)
+            if cams is not None:
+                top = class_prob.argmax(1).tolist()
+                entries["val/gradcam"] = [
+                    wandb.Image(heatmap(image, cams[k], alpha=0.5), caption=f"{ids[k]}: {class_names[top[k]]}")
+                    for k, image in enumerate(images)
+                ]
         return entries
+
+    def _gradcam(self, net: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> np.ndarray | None:
+        """Grad-CAM maps of the panel images (top class), or ``None`` after a warning if it cannot be computed."""
+        from skinfusion.inference.explain import explain
+
+        meta = batch.get("meta")
+        try:
+            with torch.enable_grad():
+                return explain(
+                    net,
+                    batch["image"].to(dtype),
+                    self.explain,
+                    meta=None if meta is None else meta.to(dtype),
+                )
+        except Exception as error:  # an optional panel: say why once, go on training
+            log.warning("WandbPanels: no %s panel (%s: %s); turned off", self.explain, type(error).__name__, error)
+            self.explain = None
+            return None
 
     @staticmethod
     def _confusion_chart(confmat: Tensor, class_names: list[str]) -> Any:
