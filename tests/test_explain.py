@@ -192,3 +192,17 @@ def test_evaluate_explain_needs_a_model(tmp_path):
     write_synthetic(tmp_path / "syn", n=4, seed=2, size=72)
     with pytest.raises(ValueError, match="needs a model"):
         evaluate(tmp_path / "predictions", tmp_path / "syn" / "manifest.csv", tmp_path / "out", explain=["gradcam"])
+
+
+def test_evaluate_explain_of_a_network_without_decoder_or_attention(tmp_path):
+    """The paper's baseline: diagnosis scored alone, Grad-CAM measured against the true masks all the same."""
+    module = make_module(attention=None, attention_placement=[], decoder=False, fusion="none")
+    ckpt = save_ckpt(tmp_path / "model.ckpt", module)
+    write_synthetic(tmp_path / "syn", n=6, seed=2, size=72)
+    out = tmp_path / "report"
+    report = evaluate_main(
+        ["--ckpt", str(ckpt), "--truth", str(tmp_path / "syn" / "manifest.csv"), "--out", str(out), "--explain"]
+    )
+    assert "task3/balanced_accuracy" in report
+    assert not any(key.startswith("task1/") for key in report)  # no segmentation output, no segmentation score
+    assert {key.split("/")[1] for key in report if key.startswith("explain/")} == {"gradcam", "uniform"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -356,6 +357,9 @@ def evaluate(
         raise ValueError("explain needs a model to explain (--ckpt), not a folder of predictions")
     if isinstance(predictions, Predictor):
         focus = _lesion_focus(predictions, records, explain, out_dir) if explain else {}
+        if getattr(predictions.net, "decoder", True) is None:
+            log.info("the network has no decoder: scoring its diagnosis only")
+            records = [dataclasses.replace(r, mask=None) for r in records if r.label]
         predictions.write(predictions.predict_records(records), out_dir / "predictions", masks=True, csv=True)
         predictions = out_dir / "predictions"
     masks_dir, csv_path = _prediction_files(predictions)
