@@ -383,10 +383,17 @@ class Predictor:
         return self.predict_records(collect_records(sources, subset=subset))
 
     def predict_records(self, records: Sequence[Record]) -> Iterator[Prediction]:
-        """Predict the images of ``records`` in batches (a lazy iterator, in input order)."""
+        """Predict the images of ``records`` in batches (a lazy iterator, in input order).
+
+        Every file's header is read here, before the iterator is returned: a file that is not an image fails
+        the call before any prediction (or output file) is made.
+        """
+        records = [r for r in records if self._readable(r)]
+        return self._predict_batches(records)
+
+    def _predict_batches(self, records: list[Record]) -> Iterator[Prediction]:
         from tqdm.auto import tqdm
 
-        records = [r for r in records if self._readable(r)]  # every file's header first: fail before any output
         dataset = _ImageDataset(records, self.image_size, self.normalization, meta=self.meta_dim > 0)
         loader = torch.utils.data.DataLoader(
             dataset,
