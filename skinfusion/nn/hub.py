@@ -385,6 +385,8 @@ class SkinFusionHubMixin(
         **net_kwargs: Any,
     ) -> SkinFusionNet:
         settings = settings_from_config(config, model_id)
+        for key in ("proxies", "resume_download"):  # what huggingface_hub < 1.0 also passes; unused here
+            net_kwargs.pop(key, None)
         if net_kwargs:  # from_pretrained(..., dropout=0.0): network arguments that override the stored ones
             settings = replace(settings, net_config={**settings.net_config, **net_kwargs})
         try:
