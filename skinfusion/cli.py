@@ -3,7 +3,7 @@
 ``fit``, ``validate`` and ``test`` are LightningCLI subcommands configured from YAML
 (``--config experiments/base.yaml --config experiments/quickstart.yaml``; the last wins); ``predict`` writes
 ISIC-format predictions for image files, ``evaluate`` scores them, ``prepare`` builds the resized cache and
-split manifest, ``export`` writes ONNX / TorchScript / safetensors.
+split manifest, ``export`` writes ONNX / TorchScript / safetensors / a Hugging Face folder.
 
 skinfusion's own errors (bad data, unloadable weights, refused configuration values) end any command with
 one line saying what is wrong and what to do, and exit status 2; ``--debug`` shows the traceback instead.
@@ -51,7 +51,8 @@ commands:
   evaluate   --truth PATH --ckpt CKPT --out DIR: ISIC challenge metrics at the original
              resolution, per-class table, confusion matrix, ROC curves, worst segmentations
   prepare    validate data sources, write a resized cache and a split manifest
-  export     export a trained checkpoint to ONNX, TorchScript or safetensors
+  export     export a trained checkpoint to ONNX, TorchScript, safetensors or a Hugging Face
+             folder (config.json, model.safetensors, model card)
   study      train variants x seeds under one budget, score them on a held-out split, and compare
              them with paired bootstrap intervals (the paper's ablation; resumable)
 

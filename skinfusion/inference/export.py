@@ -1,4 +1,4 @@
-"""Export a trained network to ONNX, TorchScript or safetensors (``skinfusion export``).
+"""Export a trained network to ONNX, TorchScript, safetensors or the Hugging Face layout (``skinfusion export``).
 
 Every file carries the model's :class:`~skinfusion.io.InferenceSettings` (network config, class names, input
 size and normalisation) as metadata: ONNX ``metadata_props``, the TorchScript extra file ``skinfusion.json``,
@@ -14,6 +14,10 @@ the safetensors header. Every file is written atomically (:func:`skinfusion.io.a
   holds the ``output_names``.
 * **safetensors**: the network's state dict (``format`` = ``skinfusion.net``); :func:`load_safetensors_export`
   rebuilds the network from it, and :class:`~skinfusion.inference.predictor.Predictor` takes such a file.
+* **hf**: a folder with ``config.json`` (the record), ``model.safetensors`` and a ``README.md`` model card
+  (:meth:`SkinFusionNet.save_pretrained <skinfusion.nn.hub.SkinFusionHubMixin.save_pretrained>`; ``--metrics``
+  puts a ``skinfusion evaluate`` ``metrics.json`` on the card); ``from_pretrained``, ``push_to_hub``, the
+  Predictor and every ``--ckpt`` take it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ __all__ = [
     "output_names",
 ]
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS = ("onnx", "torchscript", "safetensors", "hf")
 #: Lowest ONNX opset accepted; the default is 18 (the torch.export-based exporter's own).
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -268,15 +272,21 @@ def load_safetensors_export(path: str | Path, map_location: str = "cpu") -> tupl
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skinfusion export",
-        description="Export a trained skinfusion checkpoint to ONNX, TorchScript or safetensors.",
+        description="Export a skinfusion checkpoint to ONNX, TorchScript, safetensors or a Hugging Face folder.",
         epilog=(
             "ONNX/TorchScript outputs: mask_logits (B,1,S,S), class_logits (B,K), attn/<name> (B,1,h,w); "
-            "the batch axis is dynamic. Example: skinfusion export --ckpt best.ckpt --format onnx --out model.onnx"
+            "the batch axis is dynamic. Example: skinfusion export --ckpt best.ckpt --format onnx --out model.onnx; "
+            "skinfusion export --ckpt best.ckpt --format hf --out skinfusion-ham10000 --metrics report/metrics.json"
         ),
     )
-    parser.add_argument("--ckpt", required=True, help="skinfusion checkpoint (.ckpt)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="export format")
-    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--ckpt", required=True, help="skinfusion checkpoint (.ckpt), safetensors export or hf folder")
+    parser.add_argument(
+        "--format", required=True, choices=FORMATS, help="export format (hf: config.json, model.safetensors, README.md)"
+    )
+    parser.add_argument("--out", required=True, help="output file (a folder for --format hf)")
+    parser.add_argument(
+        "--metrics", default=None, help="hf: metrics.json of `skinfusion evaluate` to put on the model card"
+    )
     parser.add_argument(
         "--image-size", type=int, default=None, help="input side S (default: the checkpoint's, else 224)"
     )
@@ -315,7 +325,7 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     """``skinfusion export``: load a checkpoint safely and write the chosen format.
 
     Returns:
-        The written file.
+        The written file (folder for ``--format hf``).
 
     Raises:
         SystemExit: when verification finds an output differing by more than 1e-3.
@@ -324,7 +334,10 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
 
     from skinfusion.inference.predictor import load_model
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.metrics and args.format != "hf":
+        parser.error("--metrics fills the model card of --format hf only")
     net, settings = load_model(args.ckpt)
     if args.image_size:
         with config_errors():
@@ -335,8 +348,11 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
             names = export_onnx(net, args.out, settings, opset=args.opset, batch_size=args.batch_size)
         elif args.format == "torchscript":
             names = export_torchscript(net, args.out, settings, batch_size=args.batch_size)
-        else:
+        elif args.format == "safetensors":
             export_safetensors(net, args.out, settings)
+            names = []
+        else:
+            net.save_pretrained(args.out, settings=settings, metrics=args.metrics)
             names = []
     print(f"wrote {args.out} ({args.format}, input {image_size}x{image_size})")
     if names:

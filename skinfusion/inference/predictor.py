@@ -1,8 +1,8 @@
 """Prediction on image files: lesion masks at the original resolution, the ISIC Task 3 CSV, overlays, JSON.
 
 :class:`Predictor` wraps a trained network (a :class:`~skinfusion.training.module.SkinFusionModule`, a plain
-:class:`~skinfusion.nn.SkinFusionNet`, a Lightning checkpoint or a ``skinfusion export`` safetensors
-file). For every image it
+:class:`~skinfusion.nn.SkinFusionNet`, a Lightning checkpoint, a ``skinfusion export`` safetensors
+file or a Hugging Face layout folder). For every image it
 
 1. reads the file upright (EXIF orientation applied) at any size and aspect, and resizes it to the
    network's square input (the same ``predict`` transform as training's evaluation);
@@ -175,7 +175,19 @@ def explanation_filename(image_id: str, method: str | None) -> str:
 
 
 def load_model(path: str | Path) -> tuple[SkinFusionNet, InferenceSettings]:
-    """The network of a skinfusion checkpoint (``.ckpt``, loaded safely) or safetensors export, and its record."""
+    """The network of a skinfusion checkpoint and its record.
+
+    Args:
+        path: a Lightning checkpoint (``.ckpt``, loaded safely), a safetensors export, or a folder written by
+            ``save_pretrained`` / ``skinfusion export --format hf`` (``config.json`` + ``model.safetensors``).
+
+    Raises:
+        WeightsError: the file or folder cannot be loaded (the message names it and the problem).
+    """
+    if Path(path).is_dir():
+        from skinfusion.nn.hub import load_pretrained
+
+        return load_pretrained(path)
     if Path(path).suffix == ".safetensors":
         from skinfusion.inference.export import load_safetensors_export
 
@@ -243,7 +255,8 @@ class Predictor:
     Args:
         model: a :class:`~skinfusion.training.module.SkinFusionModule`, any ``nn.Module`` whose
             ``forward(image, meta=None)`` returns a :class:`~skinfusion.nn.output.SkinFusionOutput`, or
-            the path of a skinfusion checkpoint (``.ckpt``, loaded safely) or safetensors export.
+            the path of a skinfusion checkpoint (``.ckpt``, loaded safely), safetensors export or ``save_pretrained``
+            folder (see :func:`load_model`).
         image_size: network input side; default: the model's record (:class:`~skinfusion.io.InferenceSettings`).
         normalization: ``"imagenet"`` or ``"unit"``; default: the model's record.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (CUDA when available).
@@ -550,7 +563,11 @@ class Predictor:
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the :class:`Predictor` options (model, input size, TTA, post-processing) to ``parser``."""
     group = parser.add_argument_group("model")
-    group.add_argument("--ckpt", required=True, help="skinfusion checkpoint (.ckpt) or safetensors export")
+    group.add_argument(
+        "--ckpt",
+        required=True,
+        help="skinfusion checkpoint (.ckpt), safetensors export, or a save_pretrained / `export --format hf` folder",
+    )
     group.add_argument(
         "--image-size", type=int, default=None, help="network input side (default: checkpoint's, else 224)"
     )

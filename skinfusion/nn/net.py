@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from skinfusion.nn.attention import AttentionModule, check_attention_kwargs, create_attention, get_attention
 from skinfusion.nn.encoder import LoadReport, TimmEncoder
 from skinfusion.nn.heads import ClassifierHead, MetaBranch, create_fusion
+from skinfusion.nn.hub import SkinFusionHubMixin
 from skinfusion.nn.output import SkinFusionOutput
 
 __all__ = ["ATTENTION_PLACEMENTS", "SkinFusionNet", "plain_config"]
@@ -45,8 +46,11 @@ def plain_config(arguments: dict[str, Any]) -> dict[str, Any]:
 ATTENTION_PLACEMENTS = ("encoder", "skip", "classifier")
 
 
-class SkinFusionNet(nn.Module):
+class SkinFusionNet(nn.Module, SkinFusionHubMixin):
     """Joint lesion segmentation and diagnosis network.
+
+    Saves and loads in the Hugging Face layout (``save_pretrained``, ``from_pretrained``, ``push_to_hub``; see
+    :class:`~skinfusion.nn.hub.SkinFusionHubMixin`).
 
     Args:
         encoder: timm model name (``"resnet50"`` as in the paper; ``"test_resnet"`` for tests).
