@@ -19,6 +19,8 @@ _LAZY = {
     "SkinFusionDataModule": "skinfusion.data.datamodule",
     "MultiTaskLoss": "skinfusion.losses",
     "Predictor": "skinfusion.predict",
+    "render_overlay": "skinfusion.predict",
+    "write_mask": "skinfusion.predict",
     "PostProcess": "skinfusion.postprocess",
     "Record": "skinfusion.data.records",
 }

@@ -33,11 +33,12 @@ _COMMANDS = {
     "evaluate": ("skinfusion.report", "evaluate_main"),
     "export": ("skinfusion.export", "export_main"),
     "study": ("skinfusion.evaluation.study", "study_main"),
+    "demo": ("skinfusion.demo", "demo_main"),
 }
 #: With one of these, `skinfusion predict` is LightningCLI's predict subcommand.
 _LIGHTNING_FLAGS = ("--config", "-c", "--print_config", "--ckpt_path", "--trainer", "--model", "--data")
 
-_TOP_HELP = """usage: skinfusion [-h] {fit,validate,test,predict,evaluate,prepare,export,study} ...
+_TOP_HELP = """usage: skinfusion [-h] {fit,validate,test,predict,evaluate,prepare,export,study,demo} ...
 
 Joint lesion segmentation and diagnosis for dermoscopic images.
 
@@ -53,6 +54,8 @@ commands:
   export     export a trained checkpoint to ONNX, TorchScript or safetensors
   study      train variants x seeds under one budget, score them on a held-out split, and compare
              them with paired bootstrap intervals (the paper's ablation; resumable)
+  demo       [--ckpt CKPT] [--host H] [--port N]: a web demo (Gradio; pip install "skinfusion[demo]");
+             without --ckpt, a toy model trained on synthetic lesions
 
 `skinfusion COMMAND --help` describes each command.
 """
