@@ -76,6 +76,7 @@ DISPLAY_SIDE = 512
 HEAT_MAP_METHODS: dict[str, dict[str, Any]] = {"attention": {}}
 
 _INSTALL_HINT = 'The web demo needs Gradio, an optional extra: pip install "skinfusion[demo]"'
+_PROMPT = "Upload a dermoscopic image (JPEG, PNG, BMP, TIFF or WebP) or pick an example."
 _DISCLAIMER = "Research software: not a medical device, not for clinical decisions."
 
 
@@ -112,6 +113,7 @@ TOY_CONFIG: dict[str, Any] = {
         "seed": 0,
     },
     "steps": 300,
+    "lr": 0.003,
 }
 
 
@@ -158,7 +160,7 @@ def toy_model(cache: str | Path | None = None, config: dict[str, Any] | None = N
     Args:
         cache: cache folder (default :func:`cache_dir`); the model goes to ``demo/toy-<key>.ckpt``,
             where the key hashes ``config``, the skinfusion version and the synthetic-data version.
-        config: overrides of :data:`TOY_CONFIG` (``net`` and ``data`` merged key by key, ``steps``).
+        config: overrides of :data:`TOY_CONFIG` (``net`` and ``data`` merged key by key; ``steps``, ``lr``).
 
     Returns:
         The checkpoint and its description.
@@ -193,14 +195,18 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def _train_toy(config: dict[str, Any], path: Path, data_root: Path) -> dict[str, float]:
     """Fit the toy network with Lightning, save its checkpoint atomically, return validation metrics."""
+    import functools
+
     import pytorch_lightning as pl
+    import torch
 
     from skinfusion import SkinFusionDataModule, SkinFusionModule, SkinFusionNet
 
     pl.seed_everything(int(config["data"].get("seed", 0)), verbose=False)
     data = SkinFusionDataModule(root=str(data_root), **config["data"])
     net = SkinFusionNet(num_classes=data.num_classes, **config["net"])
-    module = SkinFusionModule(net, class_names=list(data.class_names), train_metrics=False)
+    optimizer = functools.partial(torch.optim.AdamW, lr=config["lr"], weight_decay=1e-4)
+    module = SkinFusionModule(net, optimizer=optimizer, class_names=list(data.class_names), train_metrics=False)
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     trainer = pl.Trainer(
         max_steps=config["steps"],
@@ -305,7 +311,7 @@ def analyse(
     from skinfusion.errors import DataError
 
     if path is None or str(path) == "":
-        return Analysis(error="Upload a dermoscopic image (JPEG, PNG, BMP, TIFF or WebP) or pick an example.")
+        return Analysis(error=_PROMPT)
     path = Path(path)
     name = path.name
     try:
@@ -399,6 +405,8 @@ def build_demo(
     names = ", ".join(predictor.class_names)
 
     def run(path: str | None, method: str):
+        if not path:  # cleared, or nothing uploaded yet: a prompt, not an error
+            return f'<div class="sf-prompt">{_PROMPT}</div>', None, None, None, None, None
         _forget_old(work)
         analysis = analyse(predictor, path, method, work / uuid.uuid4().hex, max_bytes, max_pixels)
         if analysis.error is not None:
@@ -429,7 +437,7 @@ def build_demo(
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[upload], label="Examples (synthetic lesions)")
             with gr.Column(scale=2):
-                status = gr.HTML(elem_id="sf-status")
+                status = gr.HTML(f'<div class="sf-prompt">{_PROMPT}</div>', elem_id="sf-status")
                 with gr.Row():
                     contour = gr.Image(label="Lesion contour", type="numpy", format="png", elem_id="sf-contour")
                     heat = gr.Image(label="Heat map", type="numpy", format="png", elem_id="sf-heat")

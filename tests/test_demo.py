@@ -279,7 +279,6 @@ def test_browser_upload_shows_mask_probabilities_and_downloads_isic_mask(page, t
     saved = tmp_path / download.suggested_filename
     download.save_as(saved)
     assert_isic_mask(read_mask(saved), (200, 150))
-    page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
 
 
 def test_browser_non_image_upload_shows_the_error_and_no_result(page, tmp_path):
