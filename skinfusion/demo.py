@@ -14,7 +14,7 @@ Files that are not images, or that are larger than the byte or pixel limit, get 
 page; no input makes the app fail.
 
 Without ``--ckpt`` the demo trains a toy model first: a tiny network fitted on synthetic lesions
-for a few hundred steps (about half a minute on two CPU cores), cached under ``$SKINFUSION_CACHE``
+for a few hundred steps (the README gives the measured time), cached under ``$SKINFUSION_CACHE``
 (default ``~/.cache/skinfusion``) so that later starts load it at once. It exists so that the app
 can be tried on a fresh machine; it knows nothing about real skin, and the page says so.
 
