@@ -316,6 +316,12 @@ def test_browser_upload_shows_mask_probabilities_and_downloads_isic_mask(page, t
     saved = tmp_path / download.suggested_filename
     download.save_as(saved)
     assert_isic_mask(read_mask(saved), (200, 150))
+    # the Heat map choice re-analyses the image with Grad-CAM of the top class
+    page.locator("#sf-method").get_by_text("Grad-CAM", exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('#sf-status .sf-ok')?.innerText.includes('heat map: Grad-CAM of')"
+    )
+    assert page.locator("#sf-heat img").first.evaluate("img => img.complete && img.naturalWidth") > 0
 
 
 def test_browser_non_image_upload_shows_the_error_and_no_result(page, tmp_path):
