@@ -3,7 +3,8 @@
 ``fit``, ``validate`` and ``test`` are LightningCLI subcommands configured from YAML
 (``--config experiments/base.yaml --config experiments/quickstart.yaml``; the last wins); ``predict`` writes
 ISIC-format predictions for image files, ``evaluate`` scores them, ``prepare`` builds the resized cache and
-split manifest, ``export`` writes ONNX / TorchScript / safetensors / a Hugging Face folder.
+split manifest, ``export`` writes ONNX / TorchScript / safetensors / a Hugging Face folder, ``study`` compares
+variants, ``demo`` starts the web demo.
 
 skinfusion's own errors (bad data, unloadable weights, refused configuration values) end any command with
 one line saying what is wrong and what to do, and exit status 2; ``--debug`` shows the traceback instead.
@@ -36,9 +37,10 @@ _COMMANDS = {
     "prepare": ("skinfusion.data.prepare", "prepare_main"),
     "export": ("skinfusion.inference.export", "export_main"),
     "study": ("skinfusion.evaluation.study", "study_main"),
+    "demo": ("skinfusion.demo", "demo_main"),
 }
 
-_TOP_HELP = """usage: skinfusion [--debug] {fit,validate,test,predict,evaluate,prepare,export,study} ...
+_TOP_HELP = """usage: skinfusion [--debug] {fit,validate,test,predict,evaluate,prepare,export,study,demo} ...
 
 Joint lesion segmentation and diagnosis for dermoscopic images.
 
@@ -55,6 +57,8 @@ commands:
              folder (config.json, model.safetensors, model card)
   study      train variants x seeds under one budget, score them on a held-out split, and compare
              them with paired bootstrap intervals (the paper's ablation; resumable)
+  demo       [--ckpt CKPT] [--host H] [--port N]: a web demo (Gradio; pip install "skinfusion[demo]");
+             without --ckpt, a toy model trained on synthetic lesions
 
 `skinfusion COMMAND --help` describes each command; --debug shows tracebacks of skinfusion's errors.
 """
