@@ -212,10 +212,11 @@ def test_check_wheels_reports_what_is_missing(tmp_path):
     check = _load("check_wheels")
     problems = check.check_wheels(tmp_path)  # an empty wheel folder
     assert "not downloaded: wandb==0.31.0 (run benchmarks/gpu/fetch_wheels.sh)" in problems
-    # Of skinfusion's own requirements, the image lacks exactly these four (it has torch, timm, ...).
+    # Of skinfusion's own requirements, the image lacks exactly these five (it has torch, timm, ...).
     missing = {p.split()[1] for p in problems if p.startswith("missing:")}
     assert missing == {
         "albumentations>=1.4",
+        "grad-cam>=1.5",
         "jsonargparse[signatures]>=4.32",
         "segmentation-models-pytorch>=0.3.4",
         "wandb>=0.17",
