@@ -128,7 +128,7 @@ class SkinFusionModule(pl.LightningModule):
             raise ValueError(f"{len(self.class_names)} class names given for a {num_classes}-class network")
         # Plain values, so a checkpoint rebuilds the network and loss without unpickling objects; saved through
         # save_hyperparameters so that loggers record them too. setup() adds the DataModule's input settings.
-        inference = InferenceSettings(net.config, self.class_names).to_dict()
+        inference = InferenceSettings(dict(getattr(net, "config", {})), self.class_names).to_dict()  # any network
         self.save_hyperparameters({"inference": inference, "loss_config": dict(self.loss.config)})
         self.has_classifier = net.has_classifier
         self.has_decoder = net.has_decoder
