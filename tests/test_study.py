@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from skinfusion.evaluation.study import (
     classification_summary,
     parse_variant,
     per_class_table,
+    run_study,
 )
 
 # ---------------------------------------------------------------- statistics
@@ -200,14 +202,19 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
     assert (out / "runs" / "cbam-seed0" / "result.json").is_file()
 
     # The same folder with another study's arguments is refused before anything runs.
-    with pytest.raises(StudyError, match="different study"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the CLI's error boundary: one line, exit status 2
         main([*args[:-2], "--seeds", "1", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "different study" in capsys.readouterr().err
+    with pytest.raises(StudyError, match="different study"):  # the Python API raises it
+        run_study(out, args[2:5:2], ["plain:model.net.init_args.attention=null"], seeds=[1])
 
 
 @pytest.mark.slow
-def test_a_bad_variant_fails_before_any_training(tmp_path, repo_root):
+def test_a_bad_variant_fails_before_any_training(tmp_path, repo_root, capsys):
     (tmp_path / "tiny.yaml").write_text(TINY)
-    with pytest.raises(StudyError, match="'typo'.*does not parse"):
+    with pytest.raises(SystemExit) as exit_info:
         main(
             [
                 "study",
@@ -223,4 +230,6 @@ def test_a_bad_variant_fails_before_any_training(tmp_path, repo_root):
                 str(tmp_path / "study"),
             ]
         )
+    assert exit_info.value.code == 2
+    assert re.search(r"'typo'.*does not parse", capsys.readouterr().err)
     assert not (tmp_path / "study" / "runs").exists()

@@ -356,9 +356,9 @@ def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: P
 
 
 def _atomic_json(path: Path, value: Any) -> None:
-    from skinfusion.io import atomic_write_bytes
+    from skinfusion.io import atomic_write
 
-    atomic_write_bytes(path, (json.dumps(value, indent=1, allow_nan=True) + "\n").encode())
+    atomic_write(path, json.dumps(value, indent=1, allow_nan=True) + "\n")
 
 
 def _format_seconds(seconds: float) -> str:
