@@ -303,7 +303,10 @@ def test_browser_upload_shows_mask_probabilities_and_downloads_isic_mask(page, t
     for panel in ("#sf-contour", "#sf-heat", "#sf-mask"):
         image = page.locator(f"{panel} img").first
         image.wait_for(state="visible")
-        assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+        page.wait_for_function(
+            "sel => { const img = document.querySelector(sel); return img && img.complete && img.naturalWidth > 0; }",
+            arg=f"{panel} img",
+        )
     probabilities = page.locator("#sf-probs").inner_text()
     for name in ISIC_CLASSES:
         assert name in probabilities
@@ -321,7 +324,12 @@ def test_browser_upload_shows_mask_probabilities_and_downloads_isic_mask(page, t
     page.wait_for_function(
         "() => document.querySelector('#sf-status .sf-ok')?.innerText.includes('heat map: Grad-CAM of')"
     )
-    assert page.locator("#sf-heat img").first.evaluate("img => img.complete && img.naturalWidth") > 0
+    # The new heat map replaces the old one: wait until the browser has decoded it (a fresh <img> may be
+    # attached before its pixels arrive, on a loaded machine).
+    page.wait_for_function(
+        "sel => { const img = document.querySelector(sel); return img && img.complete && img.naturalWidth > 0; }",
+        arg="#sf-heat img",
+    )
 
 
 def test_browser_non_image_upload_shows_the_error_and_no_result(page, tmp_path):
