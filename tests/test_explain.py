@@ -206,3 +206,19 @@ def test_evaluate_explain_of_a_network_without_decoder_or_attention(tmp_path):
     assert "task3/balanced_accuracy" in report
     assert not any(key.startswith("task1/") for key in report)  # no segmentation output, no segmentation score
     assert {key.split("/")[1] for key in report if key.startswith("explain/")} == {"gradcam", "uniform"}
+
+
+def test_predictor_attention_explanation_equals_explain_on_its_input(tmp_path):
+    """predict --explain attention reuses the forward pass's maps: the same map explain() computes afresh."""
+    from skinfusion.data.imageio import read_image
+    from skinfusion.data.transforms import build_transforms
+
+    ckpt = save_ckpt(tmp_path / "model.ckpt", make_module())
+    rng = np.random.default_rng(1)
+    image = tmp_path / "square.png"
+    cv2.imwrite(str(image), rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+    predictor = Predictor(ckpt, progress=False, explain="attention")
+    (prediction,) = predictor.predict_paths([image])
+    transform = build_transforms("predict", image_size=predictor.image_size, normalization=predictor.normalization)
+    batch = transform(image=read_image(image))["image"][None]
+    np.testing.assert_allclose(prediction.heat, explain(predictor.net, batch, "attention")[0], atol=1e-6)

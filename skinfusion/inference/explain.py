@@ -105,10 +105,7 @@ def explain(
             maps = pick_attention(net(image, meta).attention)
         if maps is None:
             raise ValueError("this network returns no attention map (attention is off): use gradcam")
-        maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        low = maps.flatten(1).min(1).values[:, None, None]
-        high = maps.flatten(1).max(1).values[:, None, None]
-        return ((maps - low) / (high - low).clamp_min(1e-12)).cpu().numpy().astype(np.float32)
+        return attention_heat(maps, (height, width))
 
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -126,6 +123,14 @@ def explain(
     finally:
         net.train(was_training)
     return np.asarray(maps, dtype=np.float32)
+
+
+def attention_heat(maps: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(B,1,h,w) attention maps upsampled bilinearly to ``size`` and min-max scaled per image: (B,H,W) float32."""
+    maps = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    low = maps.flatten(1).min(1).values[:, None, None]
+    high = maps.flatten(1).max(1).values[:, None, None]
+    return ((maps - low) / (high - low).clamp_min(1e-12)).cpu().numpy().astype(np.float32)
 
 
 def lesion_focus(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:

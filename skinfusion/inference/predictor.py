@@ -453,9 +453,13 @@ class Predictor:
         mask_prob, class_prob, attention = self.forward(images, meta)
         mask_prob = None if mask_prob is None else mask_prob[:, 0].cpu().numpy()
         class_prob = None if class_prob is None else class_prob.double().cpu().numpy()
-        attention = {k: v[:, 0].cpu().numpy() for k, v in attention.items()}
         heat = None
-        if self.explain is not None:
+        if self.explain == "attention":  # the maps the forward pass just returned: no second pass
+            from skinfusion.inference.explain import attention_heat, pick_attention
+
+            heat = attention_heat(pick_attention(attention), tuple(images.shape[-2:]))
+        attention = {k: v[:, 0].cpu().numpy() for k, v in attention.items()}
+        if self.explain in ("gradcam", "gradcam++"):
             from skinfusion.inference.explain import explain
 
             top = None if class_prob is None else class_prob.argmax(1).tolist()
