@@ -125,3 +125,14 @@ def apply_malloc(args: argparse.Namespace) -> None:
         from skinfusion.allocator import tune_malloc
 
         tune_malloc()
+
+
+def bench_parser(doc: str, encoder: str, image_size: int, batch_size: int, rounds: int | None = None):
+    """The options every model benchmark shares: network, input size, batch and (where it alternates) rounds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default=encoder)
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    if rounds is not None:
+        parser.add_argument("--rounds", type=int, default=rounds, help="runs of each variant, alternating")
+    return parser

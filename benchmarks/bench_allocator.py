@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _bench import cpu_model, loop_adamw, median, run_json, spread
+from _bench import bench_parser, cpu_model, loop_adamw, median, run_json, spread
 
 TRAIN_VARIANTS = ("plain", "plain+tuned", "skinfusion", "skinfusion+tuned", "skinfusion+tuned+fused")
 INFER_VARIANTS = ("infer", "infer+tuned")
@@ -141,13 +141,9 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = bench_parser(__doc__, "resnet18", 96, 8, rounds=3)
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (or inference batches) per run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, alternating")
     parser.add_argument("--infer-size", type=int, default=224)
     parser.add_argument("--infer-batch", type=int, default=8)
     parser.add_argument("--infer-steps", type=int, default=6, help="timed inference batches per run")

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _bench import forward_flops, machine, matmul_flops_per_s, median, run_json, spread, sync
+from _bench import bench_parser, forward_flops, machine, matmul_flops_per_s, median, run_json, spread, sync
 
 from skinfusion.nn import SkinFusionNet
 
@@ -161,12 +161,8 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser = bench_parser(__doc__, "resnet50", 224, 4, rounds=2)
     parser.add_argument("--iters", type=int, default=3, help="timed batches (and >= 3 single images) per run")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, alternating")
     parser.add_argument("--variants", default="eager,eager+cl,eager+bf16,torchscript,onnxruntime")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads")

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from _bench import bench_parser, forward_flops
 
 from skinfusion.nn import SkinFusionNet
 from skinfusion.training.losses import MultiTaskLoss
@@ -29,13 +29,6 @@ PAPER_CONFIGS = {
     "fusion": {"attention": None, "attention_placement": [], "decoder": True, "fusion": "mask_pool"},
     "full": {"attention": "spatial", "attention_placement": ["classifier"], "decoder": True, "fusion": "mask_pool"},
 }
-
-
-def count_flops(net: torch.nn.Module, size: int) -> float:
-    net.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.rand(1, 3, size, size))
-    return counter.get_total_flops()
 
 
 def timed(fn, iters: int, warmup: int = 1) -> float:
@@ -53,7 +46,7 @@ def bench(name: str, switches: dict, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     net = SkinFusionNet(encoder=args.encoder, num_classes=7, **switches)
     params = sum(p.numel() for p in net.parameters())
-    flops = count_flops(net, args.image_size)
+    flops = forward_flops(net, torch.rand(1, 3, args.image_size, args.image_size))
     loss_fn = MultiTaskLoss()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     b = args.batch_size
@@ -81,10 +74,7 @@ def bench(name: str, switches: dict, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser = bench_parser(__doc__, "resnet50", 224, 4)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()

@@ -21,7 +21,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from _bench import add_malloc_option, apply_malloc, loop_adamw
+from _bench import add_malloc_option, apply_malloc, bench_parser, loop_adamw
 
 from skinfusion import MultiTaskLoss, SkinFusionModule, SkinFusionNet
 
@@ -90,13 +90,9 @@ def plain_step_s(args: argparse.Namespace, batches: list[dict]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = bench_parser(__doc__, "resnet18", 96, 8, rounds=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
     add_malloc_option(parser, default="tuned")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()

@@ -53,7 +53,18 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from _bench import add_malloc_option, alternate, apply_malloc, forward_flops, loop_adamw, machine, median, spread, sync
+from _bench import (
+    add_malloc_option,
+    alternate,
+    apply_malloc,
+    bench_parser,
+    forward_flops,
+    loop_adamw,
+    machine,
+    median,
+    spread,
+    sync,
+)
 from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
@@ -302,13 +313,9 @@ class Bench:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = bench_parser(__doc__, "resnet18", 96, 8, rounds=3)
     parser.add_argument("--iters", type=int, default=4, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run (+3 with compile)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, alternating")
     parser.add_argument("--workers", type=int, default=0, help="loader workers of every variant without +wN")
     parser.add_argument("--decoder-channels", default="256,128,64,32,16")
     parser.add_argument(

@@ -11,37 +11,27 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
+import sys
 from pathlib import Path
 
 from PIL import Image
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from browserutil import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--example", default="synthetic_MEL.png")
     parser.add_argument("--out", default=str(Path(__file__).parent / "images" / "demo.png"))
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--chromium", default=CHROMIUM)
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
 
     from skinfusion.demo import launch
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     app = launch(host="127.0.0.1", port=port, device="cpu", block=False)
     try:
         with sync_playwright() as playwright:

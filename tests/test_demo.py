@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browserutil import CHROMIUM, CHROMIUM_ARGS, free_port
 from modelutil import IMAGE_SIZE, make_module
 from PIL import Image
 
@@ -231,24 +231,6 @@ def test_missing_gradio_says_how_to_install_it(monkeypatch, capsys):
 # The page in a real browser
 # ---------------------------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
@@ -263,7 +245,7 @@ def served(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SKINFUSION_CACHE", str(cache))
         patch.setattr(demo_module, "TOY_CONFIG", demo_module._merge(demo_module.TOY_CONFIG, TINY_TOY))
-        port = _free_port()
+        port = free_port()
         app = demo_module.launch(host="127.0.0.1", port=port, device="cpu", block=False)
     try:
         yield f"http://127.0.0.1:{port}/"

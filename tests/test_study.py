@@ -143,15 +143,18 @@ data:
 """
 
 
+def _configs(tmp_path, repo_root) -> list[str]:
+    """The two config files of every study here: the repo's base.yaml and a tiny run."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    return [str(repo_root / "experiments" / "base.yaml"), str(tmp_path / "tiny.yaml")]
+
+
 @pytest.mark.slow
 def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    configs = _configs(tmp_path, repo_root)
     args = [
         "study",
-        "--config",
-        str(repo_root / "experiments" / "base.yaml"),
-        "--config",
-        str(tmp_path / "tiny.yaml"),
+        *[arg for config in configs for arg in ("--config", config)],
         "--variant",
         # The paper's baseline form: no attention and no decoder (scored on diagnosis alone).
         "plain:model.net.init_args.attention=null,model.net.init_args.decoder=false,model.net.init_args.fusion=none",
@@ -208,20 +211,20 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
     assert exit_info.value.code == 2
     assert "different study" in capsys.readouterr().err
     with pytest.raises(StudyError, match="different study"):  # the Python API raises it
-        run_study(out, args[2:5:2], ["plain:model.net.init_args.attention=null"], seeds=[1])
+        run_study(out, configs, ["plain:model.net.init_args.attention=null"], seeds=[1])
 
 
 @pytest.mark.slow
 def test_a_bad_variant_fails_before_any_training(tmp_path, repo_root, capsys):
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    base, tiny = _configs(tmp_path, repo_root)
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
                 "study",
                 "--config",
-                str(repo_root / "experiments" / "base.yaml"),
+                base,
                 "--config",
-                str(tmp_path / "tiny.yaml"),
+                tiny,
                 "--variant",
                 "good:model.net.init_args.attention=null",
                 "--variant",
