@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -177,6 +178,8 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
     assert [(c["variant"], c["against"]) for c in summary["comparisons"]] == [("cbam", "plain")]
     assert set(summary["metrics"]) >= {"balanced_accuracy", "threshold_jaccard"}
     plain = out / "runs" / "plain-seed0"
+    with open(plain / "metrics.csv") as f:  # validated at the last of the 2 steps, not only at an epoch's end
+        assert [r["step"] for r in csv.DictReader(f) if r["val/loss"]] == ["0", "1"]
     result = json.loads((plain / "result.json").read_text())
     assert result["checkpoint"].endswith(".ckpt")
     assert result["isic"]["task3/num_images"] == len(result["per_image"]["label"]) > 0

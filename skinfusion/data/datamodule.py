@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, get_worker_info
 
 from skinfusion.data.dataset import META_DIM, SkinLesionDataset
+from skinfusion.data.readers import apply_label_map, create_reader
 from skinfusion.data.records import ISIC_CLASSES, Record
 from skinfusion.data.sampling import (
     EpochSeededDataset,
@@ -31,15 +32,15 @@ from skinfusion.data.sampling import (
     mixed_seed,
     resume_position,
 )
+from skinfusion.data.split import SPLITS, assign_splits, normalized_fractions
 from skinfusion.data.synthetic import SYNTHETIC_VERSION, synthetic_records, write_synthetic
 from skinfusion.data.transforms import build_transforms, normalize_tensor
+from skinfusion.data.validate import check_sizes, check_unique_ids, validate_records
 from skinfusion.errors import DataError
 
 __all__ = ["SkinFusionDataModule", "seed_worker"]
 
 log = logging.getLogger(__name__)
-
-_SPLITS = ("train", "val", "test")
 
 
 def seed_worker(worker_id: int) -> None:
@@ -57,10 +58,6 @@ def seed_worker(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None) if info is not None else None
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
-
-
-def _cache_home() -> Path:
-    return Path(os.environ.get("SKINFUSION_CACHE", "~/.cache/skinfusion")).expanduser()
 
 
 class SkinFusionDataModule(pl.LightningDataModule):
@@ -154,16 +151,14 @@ class SkinFusionDataModule(pl.LightningDataModule):
             raise ValueError(f"normalization must be 'unit' or 'imagenet', got {normalization!r}")
         if validate not in ("exists", "header", "full"):
             raise ValueError(f"validate must be 'exists', 'header' or 'full', got {validate!r}")
-        if predict_split not in (*_SPLITS, "all"):
+        if predict_split not in (*SPLITS, "all"):
             raise ValueError(f"predict_split must be train/val/test/all, got {predict_split!r}")
         names = list(ISIC_CLASSES if class_names is None else class_names)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"class_names must be a non-empty list of distinct names, got {class_names}")
         if not 0.0 <= float(balanced_sampling) <= 1.0:
             raise ValueError(f"balanced_sampling must be a bool or a power in [0, 1], got {balanced_sampling}")
-        fractions = tuple(float(f) for f in fractions)
-        if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
-            raise ValueError(f"fractions must be three non-negative numbers (train, val, test), got {fractions}")
+        normalized = normalized_fractions(fractions)
         self.save_hyperparameters()
         self.manifest = manifest
         self.synthetic_samples = synthetic_samples
@@ -183,7 +178,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         self.label_map = dict(label_map) if label_map else None
         self.balanced_sampling = float(balanced_sampling)
         self.use_metadata = use_metadata
-        self.fractions = tuple(f / sum(fractions) for f in fractions)
+        self.fractions = normalized
         self.seed = seed
         self.max_side = max_side
         self.drop_last = drop_last
@@ -251,31 +246,29 @@ class SkinFusionDataModule(pl.LightningDataModule):
             list(self.fractions),
         ]
         key = hashlib.sha1(json.dumps(params).encode()).hexdigest()[:12]
-        return _cache_home() / "synthetic" / f"n{self.synthetic_samples}-s{self.synthetic_size}-{key}"
+        cache = Path(os.environ.get("SKINFUSION_CACHE", "~/.cache/skinfusion")).expanduser()
+        return cache / "synthetic" / f"n{self.synthetic_samples}-s{self.synthetic_size}-{key}"
+
+    def _synthetic_args(self) -> dict[str, Any]:
+        return {
+            "n": self.synthetic_samples,
+            "seed": self.seed,
+            "class_names": self._class_names,
+            "mask_fraction": self.synthetic_mask_fraction,
+            "label_fraction": self.synthetic_label_fraction,
+            "fractions": self.fractions,
+        }
 
     def _read_records(self) -> list[Record]:
         if self.manifest is None:
-            return synthetic_records(
-                self.root,
-                self.synthetic_samples,
-                self.seed,
-                self._class_names,
-                self.synthetic_mask_fraction,
-                self.synthetic_label_fraction,
-                self.fractions,
-            )
-        from skinfusion.data.readers import create_reader
-
+            return synthetic_records(self.root, **self._synthetic_args())
         return create_reader("manifest", self.manifest).read()
 
     def _map_labels(self, records: Sequence[Record], source: str | Path, strict: bool = True) -> list[Record]:
         """Apply ``label_map`` and check labels; unknown labels raise (``strict``) or are dropped."""
         out = []
         for record in records:
-            label = record.label
-            if label is not None and self.label_map:
-                label = self.label_map.get(label, label)
-            label = label or None
+            label = apply_label_map(record.label, self.label_map) or None
             if label is not None and label not in self._class_names:
                 if strict:
                     raise DataError(
@@ -294,9 +287,6 @@ class SkinFusionDataModule(pl.LightningDataModule):
             DataError: unreadable manifest, duplicate image ids or unknown labels.
         """
         if self._records is None:
-            from skinfusion.data.split import assign_splits
-            from skinfusion.data.validate import check_unique_ids
-
             source = self.manifest or self.root
             records = self._map_labels(self._read_records(), source)
             check_unique_ids(records)
@@ -304,15 +294,13 @@ class SkinFusionDataModule(pl.LightningDataModule):
             splits = (
                 fixed if len(fixed) == len(records) else assign_splits(records, self.fractions, self.seed, fixed=fixed)
             )
-            by_split: dict[str, list[Record]] = {s: [] for s in _SPLITS}
+            by_split: dict[str, list[Record]] = {s: [] for s in SPLITS}
             for record in records:
                 by_split[splits[record.id]].append(record)
             for name in ("train", "val"):  # an image with neither annotation teaches nothing
                 annotated = [r for r in by_split[name] if r.label is not None or r.mask is not None]
-                if len(annotated) < len(by_split[name]):
-                    log.info(
-                        "%s: %d image(s) without mask or label left out", name, len(by_split[name]) - len(annotated)
-                    )
+                if left_out := len(by_split[name]) - len(annotated):
+                    log.info("%s: %d image(s) without mask or label left out", name, left_out)
                 by_split[name] = annotated
             by_split["all"] = records
             self._records = by_split
@@ -321,8 +309,6 @@ class SkinFusionDataModule(pl.LightningDataModule):
     def _predict_records(self) -> list[Record]:
         if self.predict_manifest is None:
             return self.records(self.predict_split)
-        from skinfusion.data.readers import create_reader
-
         return self._map_labels(create_reader("manifest", self.predict_manifest).read(), self.predict_manifest, False)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -330,43 +316,24 @@ class SkinFusionDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Write the synthetic data set (once), or check that the manifest exists."""
         if self.manifest is None:
-            write_synthetic(
-                self.root,
-                self.synthetic_samples,
-                self.seed,
-                self.synthetic_size,
-                self._class_names,
-                self.synthetic_mask_fraction,
-                self.synthetic_label_fraction,
-                self.fractions,
-            )
+            write_synthetic(self.root, size=self.synthetic_size, **self._synthetic_args())
         for path in (self.manifest, self.predict_manifest):
             if path is not None and not Path(path).is_file():
                 raise DataError(path, "manifest not found")
 
     def _check_files(self, records: Sequence[Record]) -> None:
-        from skinfusion.data.imageio import image_size
-        from skinfusion.data.validate import validate_records
-
         if self.validate == "full":
             problems = validate_records(records, self._class_names)
         else:
             problems = []
             for record in records:
                 try:
-                    if self.validate == "exists":
-                        for path in (record.image, record.mask):
-                            if path is not None and not Path(path).is_file():
-                                raise DataError(path, "file not found")
+                    if self.validate == "header":
+                        check_sizes(record)
                         continue
-                    size = image_size(record.image)
-                    if record.mask is not None and image_size(record.mask) != size:
-                        mask_size = image_size(record.mask)
-                        raise DataError(
-                            record.mask,
-                            f"mask is {mask_size[0]}x{mask_size[1]} but image {Path(record.image).name} "
-                            f"is {size[0]}x{size[1]}",
-                        )
+                    for path in (record.image, record.mask):
+                        if path is not None and not Path(path).is_file():
+                            raise DataError(path, "file not found")
                 except DataError as err:
                     problems.append(err)
         if problems:
@@ -384,7 +351,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
             color_jitter=self.color_jitter,
             normalize=not self.normalize_on_device,
             seed=mixed_seed(
-                self.seed, getattr(rank_zero_only, "rank", 0) or 0, _SPLITS.index(split) if split in _SPLITS else 3
+                self.seed, getattr(rank_zero_only, "rank", 0) or 0, SPLITS.index(split) if split in SPLITS else 3
             ),
         )
         return SkinLesionDataset(records, self._class_names, transform, self.use_metadata, self.max_side)
@@ -424,23 +391,15 @@ class SkinFusionDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(
-        self,
-        split: str,
-        shuffle: bool = False,
-        sampler: Any = None,
-        drop_last: bool = False,
-        dataset: Any = None,
-    ) -> DataLoader:
+    def _loader(self, split: str, sampler: Any = None, drop_last: bool = False, dataset: Any = None) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"call setup() before asking for the {split} dataloader")
-        if sampler is None and not shuffle and distributed_world()[0] > 1:
+        if sampler is None and distributed_world()[0] > 1:
             # Every sample once over all processes (DistributedSampler pads with repeats, counted twice).
             sampler = UnpaddedDistributedSampler(len(self.datasets[split]))
         return DataLoader(
             self.datasets[split] if dataset is None else dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from skinfusion.data.imageio import read_image, read_mask
 from skinfusion.data.records import Record
+from skinfusion.data.validate import size_mismatch
 from skinfusion.errors import DataError
 
 #: Anatomical sites of HAM10000's ``localization`` column (``unknown`` is the extra slot).
@@ -57,17 +58,11 @@ def _is_missing(value: Any) -> bool:
 
 
 def encode_metadata(meta: Mapping[str, Any]) -> np.ndarray:
-    """Encode clinical metadata as a fixed-length float32 vector of length :data:`META_DIM`.
+    """Encode ``meta`` (optional ``age`` in years, ``sex``, ``site``) as a float32 vector of length :data:`META_DIM`.
 
     Layout: ``[age / 100, age missing, male, female, sex unknown, *sites, site unknown]``; a
     missing age is encoded as 0 with the flag set. Sites are matched case-insensitively, with
     underscores as spaces and :data:`SITE_ALIASES` applied; any other site counts as unknown.
-
-    Args:
-        meta: mapping with optional keys ``age`` (years, number or numeric string), ``sex``, ``site``.
-
-    Returns:
-        float32 array of shape (META_DIM,).
     """
     vector = np.zeros(META_DIM, np.float32)
     age = meta.get("age")
@@ -100,7 +95,6 @@ class SkinLesionDataset(Dataset):
 
     Args:
         records: the images, with paths that resolve from the working directory (make them absolute first).
-        class_names: class list; a label is turned into its index in it.
         transform: callable ``transform(image=HxWx3 uint8, mask=HxW uint8)`` returning a dict with
             tensors ``image`` (3,H,W) and ``mask`` (1,H,W), e.g. :func:`build_transforms`'s result.
         use_metadata: add the encoded metadata (:func:`encode_metadata`) under ``meta``.
@@ -150,9 +144,7 @@ class SkinLesionDataset(Dataset):
         # Downscaled images take their mask to the same size; full-size ones must match exactly.
         mask = read_mask(record.mask, size=(width, height)) if self.max_side else read_mask(record.mask)
         if mask.shape != (height, width):
-            raise DataError(
-                record.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but image {record.image} is {width}x{height}"
-            )
+            raise size_mismatch(record, mask.shape[::-1], (width, height))
         return image, mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:

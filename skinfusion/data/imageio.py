@@ -1,31 +1,18 @@
 """Robust image and mask loading, shared by the readers, ``prepare`` and the Dataset.
 
-Every failure becomes a :class:`~skinfusion.errors.DataError` naming the file and the reason,
-so a bad file is reported once, at ``prepare`` time, instead of crashing a DataLoader worker.
+Every failure becomes a :class:`~skinfusion.errors.DataError` naming the file and the reason. Policies:
 
-Policies (the same everywhere in skinfusion):
-
-* **EXIF orientation** is applied (``ImageOps.exif_transpose``): a JPEG stored sideways with an
-  orientation tag is returned upright, and :func:`image_size` reports the *upright* size. A
-  mask is compared against that upright size.
-* **Modes**: grayscale (``L``/``1``) is replicated to 3 channels; palette (``P``) is mapped
-  through its palette; ``RGBA``/``LA``/``PA`` lose their alpha channel (not composited);
-  ``CMYK``/``YCbCr`` are converted to RGB. 16-bit grayscale is scaled linearly to 8 bits
-  (``v * 255 / 65535``, rounded); 16-bit colour PNGs are reduced to 8 bits by Pillow. Float
-  images (``F``) are rejected.
-* **Masks** must be single-channel and binary: values a subset of ``{0, 255}`` or of
-  ``{0, 1}`` (16-bit: ``{0, 65535}`` too). An RGB(A) mask is accepted only when its three
-  colour channels are identical (a grayscale mask saved as RGB); otherwise it is an error.
-  Masks are returned as ``uint8`` in ``{0, 1}``.
-* **Decompression bombs**: an image with more than ``max_pixels`` pixels (default
-  :data:`DEFAULT_MAX_PIXELS`, 100 MP) is rejected from its header, before decoding.
-* **Truncated / corrupt files** are detected by forcing a full decode (``Image.load``).
-  Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay ``False`` (its default); skinfusion
-  never changes it.
-* **Reduced-resolution decoding**: when a JPEG is read with a ``max_side`` much smaller than
-  its size, the decoder's DCT scaling (``Image.draft``) decodes it at 1/2, 1/4 or 1/8 scale,
-  never below the target; the result is then resized with area interpolation. Every block of
-  the file is still decoded, so truncation is detected as well.
+* **EXIF orientation** is applied: images come back upright and :func:`image_size` reports the
+  upright size, which is what a mask is compared against.
+* **Modes**: grayscale is replicated to 3 channels, palette images are mapped through the palette,
+  alpha is dropped (not composited), CMYK/YCbCr become RGB, 16-bit grayscale is scaled linearly to
+  8 bits; float images (``F``) are rejected.
+* **Masks** must be single-channel and binary (``{0, 255}``, ``{0, 1}``, 16-bit ``{0, 65535}``); an
+  RGB(A) mask is accepted only when its colour channels are identical. They come back ``uint8`` {0, 1}.
+* **Decompression bombs**: images above ``max_pixels`` (default 100 MP) are rejected from the header.
+* **Truncated / corrupt files** are detected by a full decode (keep Pillow's ``LOAD_TRUNCATED_IMAGES`` off).
+* **Reduced-resolution decoding**: a JPEG read with a much smaller ``max_side`` is decoded at 1/2, 1/4
+  or 1/8 scale (``Image.draft``, never below the target), then resized with area interpolation.
 """
 
 from __future__ import annotations
@@ -107,9 +94,7 @@ def _orientation(img: Image.Image) -> int:
 
 
 def image_size(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """Return the upright ``(width, height)`` of an image from its header, without decoding pixels.
-
-    The EXIF orientation is taken into account (a 4000x3000 JPEG tagged "rotate 90" is 3000x4000).
+    """Return the upright ``(width, height)`` of an image from its header (EXIF orientation applied).
 
     Raises:
         DataError: missing, empty, unrecognised or too large (``max_pixels``) file.
@@ -124,14 +109,8 @@ def image_size(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
 def target_size(width: int, height: int, size: int | None, side: str = "longest") -> tuple[int, int]:
     """Size ``(w, h)`` after an aspect-preserving downscale so that one side equals ``size``.
 
-    Args:
-        width: original width.
-        height: original height.
-        size: the target length of the chosen side; ``None`` keeps the original size.
-        side: ``"longest"`` (fit inside ``size`` x ``size``) or ``"shortest"`` (cover it).
-
-    Returns:
-        The new size; never larger than the original (no upscaling), each side at least 1.
+    ``side`` is ``"longest"`` (fit inside ``size`` x ``size``) or ``"shortest"`` (cover it); ``size=None``
+    keeps the original size. Never upscales; each side is at least 1.
     """
     if side not in ("longest", "shortest"):
         raise ValueError(f"side must be 'longest' or 'shortest', got {side!r}")
@@ -219,18 +198,13 @@ def read_image(
     reduce: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Read an image as upright 8-bit RGB (see the module docstring for the policies).
+    """Read an image as upright ``uint8`` RGB ``(H, W, 3)`` (see the module docstring for the policies).
 
     Args:
-        path: image file.
         max_side: when given, downscale (aspect preserved, never upscale) so that the side chosen
-            by ``side`` is at most ``max_side``.
-        side: ``"longest"`` or ``"shortest"``: which side ``max_side`` constrains.
+            by ``side`` (``"longest"`` or ``"shortest"``) is at most ``max_side``.
         reduce: decode large JPEGs at reduced DCT scale when ``max_side`` allows (fast path).
         max_pixels: decompression-bomb limit; ``None`` disables it.
-
-    Returns:
-        ``uint8`` array of shape ``(H, W, 3)``.
 
     Raises:
         DataError: missing, empty, truncated, corrupt, unsupported or too large file.
@@ -257,17 +231,12 @@ def _binary(values: np.ndarray, path: Path, arr: np.ndarray) -> np.ndarray:
 
 
 def read_mask(
-    path: str | Path,
-    size: tuple[int, int] | None = None,
-    *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    path: str | Path, size: tuple[int, int] | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """Read a binary lesion mask as ``uint8`` ``{0,1}`` of shape ``(H, W)``.
 
     Args:
-        path: mask file (PNG, BMP, ...).
-        size: when given, ``(w, h)`` to resize to (see :func:`resize_mask`); the binary check is
-            done at the original resolution first.
+        size: when given, ``(w, h)`` to resize to (see :func:`resize_mask`) after the binary check.
         max_pixels: decompression-bomb limit; ``None`` disables it.
 
     Raises:
@@ -280,15 +249,13 @@ def read_mask(
         mode = loaded.mode
         if mode == "1":
             arr = np.asarray(loaded).astype(np.uint8)
-        elif mode == "P":
+        elif mode in ("P", "LA", "PA"):
             arr = np.asarray(loaded.convert("L"))
         elif mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
             rgb = np.asarray(loaded if mode in ("RGB", "RGBA") else loaded.convert("RGB"))[:, :, :3]
             if not (np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])):
                 raise DataError(path, f"mask has {mode} colour channels that differ; a mask must be single-channel")
             arr = rgb[:, :, 0]
-        elif mode in ("LA", "PA"):
-            arr = np.asarray(loaded.convert("L"))
         elif mode == "F":
             raise DataError(path, "unsupported floating-point mask (mode F)")
         else:  # L, I, I;16*

@@ -1,25 +1,17 @@
 """``skinfusion prepare``: read sources, validate every file, build a resized cache, split, write a manifest.
 
-The output folder holds::
+The output folder holds ``manifest.csv`` (the columns of ``MANIFEST_COLUMNS``), ``images/<id>.jpg``
+(downscaled so that the shorter side is ``size``, never upscaled), ``masks/<id>.png`` (8-bit {0,255}
+at the cached image's size), ``report.json`` (counts, and every rejected file with its reason) and
+``.prepare-state.json`` (what was built from which input, for incremental runs).
 
-    manifest.csv        the columns of MANIFEST_COLUMNS (id, image, mask, label, lesion_id, split, ..., orig_height)
-    images/<id>.jpg     the image, downscaled so that its shorter side is --size (default 256; never upscaled)
-    masks/<id>.png      the mask at the cached image's size, 8-bit {0,255}
-    report.json         counts per source / split / class, every rejected file with its reason
-    .prepare-state.json what was built from which input (path, size, mtime_ns) with which parameters
-
-Guarantees:
-
-* **All or nothing**: without ``skip_bad`` a single bad file (or unknown class) fails the run with
-  the full list of problems before anything in the output folder changes: new cache files are
-  written to a staging folder and moved into place only after every record passed.
-* **Incremental**: a record whose image and mask are unchanged (same path, size, ``mtime_ns``)
-  and whose cache parameters are the same is not decoded again; a changed file is redone.
-* **Atomic**: ``manifest.csv``, ``report.json`` and the state file are replaced with
-  ``os.replace``, so readers never see half a manifest.
-* **Fast**: files are validated and resized in a process pool (``workers``); large JPEGs are
-  decoded at reduced DCT scale. A JPEG that needs no resizing and no rotation is copied byte for
-  byte (no re-encoding loss).
+* **All or nothing**: without ``skip_bad`` a single bad file (or unknown class) fails the run, listing
+  every problem, before anything in the output folder changes (new files are staged first).
+* **Incremental**: a record whose files (path, size, ``mtime_ns``) and cache parameters are unchanged
+  is not decoded again.
+* **Atomic**: the manifest, report and state file are replaced with ``os.replace``.
+* **Fast**: files are decoded in a process pool, large JPEGs at reduced DCT scale; a JPEG that needs
+  no resizing and no rotation is copied byte for byte.
 """
 
 from __future__ import annotations
@@ -45,7 +37,7 @@ from PIL import Image
 from skinfusion.allocator import tune_malloc
 from skinfusion.data.imageio import DEFAULT_MAX_PIXELS
 from skinfusion.data.readers import Reader, apply_labels, combine, create_reader
-from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
+from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, META_KEYS, Record
 from skinfusion.data.split import SPLITS, assign_splits, check_no_leakage
 from skinfusion.data.validate import check_label, load_record
 from skinfusion.errors import DataError, config_errors
@@ -109,13 +101,9 @@ def read_sources(
     sources: Iterable[Source | str | Reader],
     label_map: Mapping[str, str] | None = None,
 ) -> tuple[list[Record], dict[str, int]]:
-    """Read and combine every source.
+    """Read every source: image sources merged by id (:func:`.readers.combine`), then label-only ones applied.
 
-    Image sources are merged by image id (:func:`~skinfusion.data.readers.combine`); label-only
-    sources (``diagnosis_csv`` without ``images``) are then applied by id.
-
-    Returns:
-        The records, and for each label-only source the number of its labels that matched no image.
+    Returns the records, and for each label-only source the number of its labels that matched no image.
 
     Raises:
         DataError: a source's layout or CSV is wrong, or two sources conflict.
@@ -255,14 +243,6 @@ def _load_state(out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     return state.get("entries", {})
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
 #: Below this many files per worker the process pool's start-up costs more than it saves.
 _MIN_TASKS_PER_WORKER = 64
 
@@ -321,24 +301,20 @@ def prepare(
 
     Args:
         sources: ``Source`` objects, ``"KIND:PATH[:k=v,...]"`` strings or reader instances.
-        out_dir: output folder (created).
         size: target length of the ``side`` side of cached images; ``None`` keeps the original size.
         side: ``"shortest"`` (default: the shorter side becomes ``size``, so a later square crop or
             resize to ``size`` loses no resolution) or ``"longest"`` (fit inside ``size`` x ``size``).
         image_format: ``"jpg"`` (quality 95) or ``"png"`` for cached images; masks are always PNG.
         workers: processes decoding in parallel (``<= 1``: in this process).
-        fractions: (train, val, test) fractions for :func:`~skinfusion.data.split.assign_splits`.
-        seed: split seed.
+        fractions: (train, val, test) fractions for :func:`~skinfusion.data.split.assign_splits` (``seed``).
         skip_bad: reject bad records into the report instead of failing.
         class_names: allowed labels (after ``label_map``); ``None`` allows any.
         label_map: mapping applied to every source's labels (e.g. ``{"BCC": "SCC"}``).
         max_pixels: decompression-bomb limit per image.
         reduce: reduced-resolution JPEG decoding.
         keep_splits: keep a ``split`` given by a manifest source (its whole lesion group follows).
-        progress: show a tqdm progress bar.
         malloc_tuning: apply :func:`skinfusion.allocator.tune_malloc` where the files are decoded (the worker
             processes, or this process with ``workers <= 1``); same output, faster full-size decoding.
-            ``skinfusion prepare`` turns it on.
 
     Returns:
         The report (also written to ``out_dir/report.json``).
@@ -481,9 +457,7 @@ def prepare(
                 record.lesion_id or "",
                 split,
                 record.source,
-                _fmt(record.meta.get("age")),
-                _fmt(record.meta.get("sex")),
-                _fmt(record.meta.get("site")),
+                *(record.meta.get(key) for key in META_KEYS),  # csv writes None as "" and floats with repr
                 os.path.abspath(record.image),
                 os.path.abspath(record.mask) if record.mask is not None else "",
                 entry["orig_size"][0],

@@ -1,26 +1,11 @@
 """Readers: turn a dataset's on-disk layout into :class:`~skinfusion.data.records.Record` lists.
 
-Readers are plugged in by name (``create_reader("isic_task1", root)``, ``list_readers()``). Each
-takes the dataset's path as its first argument and returns records from :meth:`Reader.read`;
-none of them decodes an image (that is :mod:`skinfusion.data.validate`'s job), so reading the
-whole ISIC 2018 pool takes well under a second.
-
-=================  ===========================================================================
-name               layout
-=================  ===========================================================================
-``isic_task1``     ``ISIC2018_Task1-2_{subset}_Input/ISIC_x.jpg``
-                   + ``ISIC2018_Task1_{subset}_GroundTruth/ISIC_x_segmentation.png``
-``isic_task3``     one-hot ``ISIC2018_Task3_{subset}_GroundTruth.csv`` + ``ISIC2018_Task3_{subset}_Input/``
-                   (+ ``HAM10000_metadata.csv``, + ``HAM10000_segmentations_lesion_tschandl/`` masks)
-``diagnosis_csv``  ``image,label`` CSV: labels for the images of another source (merged by id)
-``ph2``            ``IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp`` + ``IMDxxx_lesion/IMDxxx_lesion.bmp``
-                   + ``PH2_dataset.csv`` (``Name``/``Image Name``, ``Clinical Diagnosis`` 0/1/2)
-``manifest``       generic CSV ``image,mask,label,lesion_id[,age,sex,site,split]``, paths relative to it
-``synthetic``      generated images (:mod:`skinfusion.data.synthetic`)
-=================  ===========================================================================
-
-Several sources are joined with :func:`combine` (records of one image id merge; conflicting
-files or labels raise ``DataError``) and :func:`apply_labels` (a label table onto records).
+Readers are plugged in by name (``create_reader("isic_task1", root)``, ``list_readers()``): ``isic_task1``,
+``isic_task3`` (+ HAM10000 metadata and masks), ``diagnosis_csv`` (labels for another source's images),
+``ph2``, ``manifest`` (generic CSV, paths relative to it) and ``synthetic``. None of them decodes an image
+(that is :mod:`skinfusion.data.validate`'s job). Several sources are joined with :func:`combine`
+(records of one image id merge; conflicting files or labels raise ``DataError``) and
+:func:`apply_labels` (a label table onto records).
 """
 
 from __future__ import annotations
@@ -100,10 +85,10 @@ def apply_label_map(label: str | None, label_map: Mapping[str, str] | None) -> s
 
 
 def read_csv_rows(path: str | Path, required: Sequence[str] = ()) -> list[tuple[int, dict[str, str]]]:
-    """Read a CSV into ``(line_number, row)`` pairs, checking that the ``required`` columns exist.
+    """Read a CSV into ``(line_number, row)`` pairs (stripped values), checking the ``required`` columns.
 
     Raises:
-        DataError: missing file, empty file, or missing columns.
+        DataError: missing, empty or malformed file, or missing columns.
     """
     path = Path(path)
     if not path.is_file():
@@ -127,17 +112,29 @@ def read_csv_rows(path: str | Path, required: Sequence[str] = ()) -> list[tuple[
         raise DataError(path, f"malformed CSV: {err}") from None
 
 
-def _meta(age: str | None = None, sex: str | None = None, site: str | None = None) -> dict[str, Any]:
+def _meta(path: Path, line: int, row: Mapping[str, str], site_columns: Sequence[str]) -> dict[str, Any]:
+    """Clinical metadata of a CSV row (unknown values left out); the site is read from the first column present."""
     meta: dict[str, Any] = {}
-    if age is not None and age.strip().lower() not in _UNKNOWN:
-        value = float(age)
+    age = row.get("age") or ""
+    sex = (row.get("sex") or "").strip().lower()
+    site = next((row[c] for c in site_columns if c in row), None) or ""
+    if age.strip().lower() not in _UNKNOWN:
+        try:
+            value = float(age)
+        except ValueError:
+            raise DataError(path, f"line {line}: bad age {age!r}") from None
         if not math.isnan(value):
             meta["age"] = value
-    if sex is not None and sex.strip().lower() in ("male", "female"):
-        meta["sex"] = sex.strip().lower()
-    if site is not None and site.strip().lower() not in _UNKNOWN:
+    if sex in ("male", "female"):
+        meta["sex"] = sex
+    if site.strip().lower() not in _UNKNOWN:
         meta["site"] = site.strip()
     return meta
+
+
+def _named(folder: Path, stem: str) -> list[Path]:
+    """Image files of ``folder`` named ``stem`` (any image extension)."""
+    return [p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
@@ -154,9 +151,7 @@ def _image_files(folder: Path) -> dict[str, Path]:
 class Reader:
     """Base class: a reader is built with the dataset path and options, and ``read()`` returns records.
 
-    Args:
-        path: the dataset root or file.
-        label_map: optional mapping applied to every label (e.g. ``{"MEL": "SCC"}``).
+    Every reader takes ``label_map``, an optional mapping applied to every label (e.g. ``{"MEL": "SCC"}``).
     """
 
     name: str = ""
@@ -179,16 +174,11 @@ class Reader:
 
 @register_reader("isic_task1")
 class ISICTask1Reader(Reader):
-    """ISIC 2018 Task 1 (lesion boundary segmentation) official folders.
+    """ISIC 2018 Task 1 folders ``ISIC2018_Task1-2_{subset}_Input`` and ``ISIC2018_Task1_{subset}_GroundTruth``.
 
-    Args:
-        path: folder holding ``ISIC2018_Task1-2_{subset}_Input`` and ``ISIC2018_Task1_{subset}_GroundTruth``.
-        subset: ``"Training"``, ``"Validation"`` or ``"Test"``.
-        label_map: optional label mapping (Task 1 has no labels; see ``diagnosis_csv``).
-
-    A missing ground-truth folder gives records without masks (the Test subset). With the folder
-    present, an image without its ``ISIC_x_segmentation.png`` still gets that (missing) mask path,
-    so validation reports it as a missing file.
+    ``subset`` is ``"Training"``, ``"Validation"`` or ``"Test"``. A missing ground-truth folder gives
+    records without masks (the Test subset); with the folder present, an image without its
+    ``ISIC_x_segmentation.png`` still gets that path, so validation reports the missing file.
     """
 
     def __init__(self, path: str | Path, subset: str = "Training", label_map: Mapping[str, str] | None = None) -> None:
@@ -202,11 +192,7 @@ class ISICTask1Reader(Reader):
             raise DataError(images_dir, "ISIC 2018 Task 1 image folder not found")
         has_masks = masks_dir.is_dir()
         return [
-            Record(
-                image=p,
-                mask=masks_dir / f"{stem}_segmentation.png" if has_masks else None,
-                source=self.name,
-            )
+            Record(image=p, mask=masks_dir / f"{stem}_segmentation.png" if has_masks else None, source=self.name)
             for stem, p in _image_files(images_dir).items()
         ]
 
@@ -227,11 +213,10 @@ class ISICTask3Reader(Reader):
         masks: folder of ``ISIC_x_segmentation.png``; ``"auto"`` uses
             ``HAM10000_segmentations_lesion_tschandl`` when present. Images without a mask file there
             get no mask (the masks are a supplementary source).
-        label_map: optional label mapping.
 
     Raises:
-        DataError: a CSV row whose one-hot vector does not hold exactly one 1 (names file and line),
-            a metadata ``dx`` that contradicts the CSV, or missing folders.
+        DataError: a CSV row whose one-hot vector does not hold exactly one 1, a metadata ``dx`` that
+            contradicts the CSV, or missing folders.
     """
 
     def __init__(
@@ -284,7 +269,7 @@ class ISICTask3Reader(Reader):
             raise DataError(self.images, "ISIC 2018 Task 3 image folder not found")
         files = _image_files(self.images)
         labels = self._labels()
-        meta: dict[str, tuple[str | None, dict[str, Any], int]] = {}
+        meta: dict[str, tuple[str | None, dict[str, Any]]] = {}
         if self.metadata is not None:
             for line, row in read_csv_rows(self.metadata, required=["lesion_id", "image_id"]):
                 image_id = row["image_id"]
@@ -294,24 +279,17 @@ class ISICTask3Reader(Reader):
                         self.metadata,
                         f"line {line}: dx {dx!r} of {image_id} contradicts {labels[image_id]} in {self.csv.name}",
                     )
-                try:
-                    extra = _meta(row.get("age"), row.get("sex"), row.get("localization", row.get("site")))
-                except ValueError:
-                    raise DataError(self.metadata, f"line {line}: bad age {row.get('age')!r}") from None
-                meta[image_id] = (row["lesion_id"] or None, extra, line)
+                meta[image_id] = (row["lesion_id"] or None, _meta(self.metadata, line, row, ("localization", "site")))
         ids = list(labels) if labels else list(files)
         records = []
         for image_id in ids:
             image = files.get(image_id, self.images / f"{image_id}.jpg")  # missing: reported by validation
-            mask = None
-            if self.masks is not None:
-                candidate = Path(self.masks) / f"{image_id}_segmentation.png"
-                mask = candidate if candidate.is_file() else None
-            lesion_id, extra, _ = meta.get(image_id, (None, {}, 0))
+            mask = Path(self.masks) / f"{image_id}_segmentation.png" if self.masks is not None else None
+            lesion_id, extra = meta.get(image_id, (None, {}))
             records.append(
                 Record(
                     image=image,
-                    mask=mask,
+                    mask=mask if mask is not None and mask.is_file() else None,
                     label=apply_label_map(labels.get(image_id), self.label_map),
                     lesion_id=lesion_id,
                     meta=extra,
@@ -334,10 +312,7 @@ class DiagnosisCSVReader(Reader):
         images: optional image folder to produce full records.
         image_column: column holding the image id (a file name's extension is dropped).
         label_column: column holding the class name.
-        label_map: optional label mapping.
     """
-
-    provides_images = False
 
     def __init__(
         self,
@@ -357,7 +332,7 @@ class DiagnosisCSVReader(Reader):
         """Return ``{image_id: label}``; rows with an empty label are skipped.
 
         Raises:
-            DataError: missing columns, or one image listed twice with different labels.
+            DataError: missing columns, or an image listed twice with different labels.
         """
         labels: dict[str, str] = {}
         for line, row in read_csv_rows(self.path, required=[self.image_column, self.label_column]):
@@ -391,16 +366,12 @@ class PH2Reader(Reader):
             ``"auto"`` looks for ``PH2_dataset.csv`` in ``path`` and its parent; ``None``: no labels.
             Rows whose name is not ``IMD`` + digits (the legend at the end of the official table)
             are ignored. The official ``.xlsx`` must be saved as CSV first.
-        label_map: optional label mapping.
     """
 
     _NAME = re.compile(r"^IMD\d+$")
 
     def __init__(
-        self,
-        path: str | Path,
-        diagnosis: str | Path | None = "auto",
-        label_map: Mapping[str, str] | None = None,
+        self, path: str | Path, diagnosis: str | Path | None = "auto", label_map: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(path, label_map)
         if diagnosis == "auto":
@@ -436,15 +407,11 @@ class PH2Reader(Reader):
         records = []
         for folder in sorted(self.path.rglob("*_Dermoscopic_Image")):
             name = folder.name.removesuffix("_Dermoscopic_Image")
-            images = [p for p in folder.iterdir() if p.stem == name and p.suffix.lower() in IMAGE_EXTENSIONS]
+            images = _named(folder, name)
             if not images:
                 raise DataError(folder, f"no image {name}.bmp in PH2 folder")
             lesion_dir = folder.parent / f"{name}_lesion"
-            masks = (
-                [p for p in lesion_dir.iterdir() if p.stem == f"{name}_lesion" and p.suffix.lower() in IMAGE_EXTENSIONS]
-                if lesion_dir.is_dir()
-                else []
-            )
+            masks = _named(lesion_dir, f"{name}_lesion") if lesion_dir.is_dir() else []
             records.append(
                 Record(image=images[0], mask=masks[0] if masks else None, label=labels.get(name), source=self.name)
             )
@@ -462,16 +429,13 @@ class ManifestReader(Reader):
     folder; empty cells mean unknown. A ``split`` value is kept in ``record.meta["split"]``.
 
     Args:
-        path: the CSV file.
         allow_outside_root: allow image/mask paths that resolve outside the CSV's folder.
         source_column: column whose value becomes ``record.source`` (default: ``"manifest"``).
         originals: where a prepared manifest names the original files (``orig_image``, ``orig_mask``), read
             those instead of its resized cache (for scoring at the original resolution).
-        label_map: optional label mapping.
 
     Raises:
-        DataError: a path escaping the CSV's folder (names file, line and path), a bad ``split``
-            or ``age`` value, or missing columns.
+        DataError: a path escaping the CSV's folder, a bad ``split`` or ``age`` value, or missing columns.
     """
 
     def __init__(
@@ -509,10 +473,7 @@ class ManifestReader(Reader):
                 image, mask = row["orig_image"], row.get("orig_mask")
             if not image:
                 raise DataError(self.path, f"line {line}: empty image path")
-            try:
-                meta = _meta(row.get("age"), row.get("sex"), row.get("site", row.get("localization")))
-            except ValueError:
-                raise DataError(self.path, f"line {line}: bad age {row.get('age')!r}") from None
+            meta = _meta(self.path, line, row, ("site", "localization"))
             split = row.get("split", "")
             if split:
                 if split not in ("train", "val", "test"):
@@ -533,15 +494,7 @@ class ManifestReader(Reader):
 
 @register_reader("synthetic")
 class SyntheticReader(Reader):
-    """Synthetic lesions written to ``path`` by :func:`skinfusion.data.synthetic.write_synthetic`.
-
-    Args:
-        path: output folder for the generated files.
-        n: number of images.
-        seed: random seed.
-        size: image side in pixels.
-        label_map: optional label mapping.
-    """
+    """``n`` synthetic lesions of ``size`` pixels, written to ``path`` by :func:`.synthetic.write_synthetic`."""
 
     def __init__(
         self, path: str | Path, n: int = 16, seed: int = 0, size: int = 64, label_map: Mapping[str, str] | None = None
@@ -550,7 +503,7 @@ class SyntheticReader(Reader):
         self.n, self.seed, self.size = int(n), int(seed), int(size)
 
     def read(self) -> list[Record]:
-        from skinfusion.data.synthetic import write_synthetic  # lazy: owned by another module
+        from skinfusion.data.synthetic import write_synthetic  # lazy: synthetic imports this module
 
         records = write_synthetic(self.path, self.n, self.seed, self.size)
         return [
@@ -584,13 +537,12 @@ def _merge(a: Record, b: Record) -> Record:
 def combine(*record_lists: Iterable[Record]) -> list[Record]:
     """Merge record lists by image id, keeping first-seen order.
 
-    Two records of one id (e.g. a Task 1 image with its mask, and the same image with a label
-    from another source) become one record that carries the mask, label, lesion id and metadata
-    of both. The same id on two different image files (compared by content), two different masks,
-    or two different labels is a genuine conflict.
+    Two records of one id (e.g. a Task 1 image with its mask, and the same image labelled by another
+    source) become one record that carries the mask, label, lesion id and metadata of both.
 
     Raises:
-        DataError: a conflict, naming the id, both files and both sources.
+        DataError: the same id on two different image files (compared by content), masks, labels or
+            lesion ids, naming the id, both files and both sources.
     """
     merged: dict[str, Record] = {}
     for records in record_lists:

@@ -1,12 +1,7 @@
 """Samplers and a dataset wrapper that make the data order and augmentation reproducible and resumable.
 
-* :class:`ResumableSampler` makes the training order a pure function of ``(seed, epoch)`` and can start
-  part-way through an epoch, so a resumed run sees exactly the batches it had not yet seen (Lightning
-  restores its loop counters but not a shuffling DataLoader's position).
-* :class:`EpochSeededDataset` reseeds the augmentation of every sample from ``(seed, epoch, index)``, so
-  augmentation depends neither on the worker that loads a sample nor on what it loaded before.
-* :class:`UnpaddedDistributedSampler` shards evaluation data over processes without the padding of
-  ``DistributedSampler`` (which would count some samples twice in the validation metrics).
+Lightning restores its loop counters but not a shuffling DataLoader's position: the training order
+here is a pure function of ``(seed, epoch)`` and can start part-way through an epoch.
 """
 
 from __future__ import annotations
@@ -57,19 +52,14 @@ class ResumableSampler(DistributedSampler):
     and rank ``r`` takes every ``world``-th index from ``r``, exactly as ``DistributedSampler``; it
     subclasses it so that Lightning uses it as it is instead of wrapping it.
 
-    ``start`` skips the first ``start`` indices of this rank's order, once (the next iteration
-    only): a resumed run passes the number of samples it had already consumed in the epoch.
-
     Args:
         length: size of the dataset.
-        shuffle: draw a random permutation each epoch (else the identity order).
-        seed: seed of the order.
         weights: per-sample weights for sampling with replacement (overrides ``shuffle``).
         num_replicas: number of processes (default: the process group's size, 1 without one).
         rank: this process's rank (default: from the process group, 0 without one).
-        drop_last: cut the order to a multiple of the world size instead of padding it.
         epoch: the epoch of the first iteration.
-        start: indices of this rank's order to skip on the first iteration.
+        start: indices of this rank's order to skip on the first iteration only (a resumed run passes
+            the number of samples it had already consumed in the epoch).
         with_epoch: yield ``(epoch, index)`` pairs (for :class:`EpochSeededDataset`) instead of indices.
     """
 
@@ -104,10 +94,7 @@ class ResumableSampler(DistributedSampler):
             self.weights = torch.as_tensor(weights, dtype=torch.float64)
             if self.weights.shape != (length,) or (self.weights < 0).any() or self.weights.sum() <= 0:
                 raise ValueError(f"weights must be {length} non-negative numbers with a positive sum")
-        if drop_last and length % self.num_replicas:
-            self.num_samples = length // self.num_replicas
-        else:
-            self.num_samples = math.ceil(length / self.num_replicas)
+        self.num_samples = length // self.num_replicas if drop_last else math.ceil(length / self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
         self._start = start
 
@@ -149,46 +136,28 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
+class UnpaddedDistributedSampler(ResumableSampler):
     """Evaluation sampler for several processes that visits every sample exactly once.
 
     Rank ``r`` of ``w`` gets indices ``r, r + w, r + 2w, ...``: ranks may differ by one sample, and
     no sample is repeated (``DistributedSampler`` pads with repeats, which biases metrics that are
     gathered over ranks). Metric states are then summed over ranks (torchmetrics, and Lightning's
     ``sync_dist`` weighted by batch size), giving the single-process values.
-
-    Args:
-        length: size of the dataset.
-        num_replicas: number of processes (default: from the process group).
-        rank: this process's rank (default: from the process group).
     """
 
     def __init__(self, length: int, num_replicas: int | None = None, rank: int | None = None) -> None:
-        self.num_replicas, self.rank = distributed_world(num_replicas, rank)
-        self.dataset = range(length)
-        self.length = length
-        self.shuffle = False
-        self.seed = 0
-        self.epoch = 0
-        self.drop_last = False
+        super().__init__(length, shuffle=False, num_replicas=num_replicas, rank=rank)
+        self.total_size = length  # no padding
         self.num_samples = len(range(self.rank, length, self.num_replicas))
-        self.total_size = length
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.length, self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class EpochSeededDataset(Dataset):
     """Wrap a dataset so that sample ``index`` of epoch ``epoch`` is augmented with seed ``(seed, epoch, index)``.
 
     Keys are ``(epoch, index)`` pairs (from ``ResumableSampler(with_epoch=True)``) or plain indices
-    (epoch 0). Before each item the wrapped dataset's ``transform`` is reseeded (albumentations'
-    ``Compose.set_random_seed``), so a sample's augmentation does not depend on which DataLoader
-    worker loads it or what that worker loaded before: runs with any number of workers, and a
-    resumed run, see identical batches. Other attributes are those of the wrapped dataset.
+    (epoch 0). Reseeding the wrapped dataset's ``transform`` before each item makes a sample's
+    augmentation independent of the DataLoader worker that loads it, so runs with any number of
+    workers, and a resumed run, see identical batches. Other attributes are those of the wrapped dataset.
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0) -> None:
@@ -214,14 +183,10 @@ class EpochSeededDataset(Dataset):
 def resume_position(trainer: pl.Trainer | None, batches_per_epoch: int) -> tuple[int, int]:
     """``(epoch, batches already done in it)`` where a (possibly resumed) fit continues.
 
-    Called when the training DataLoader is built. On a fresh run it is ``(current epoch, 0)``; on a
-    run restored from a mid-epoch checkpoint it is the checkpoint's epoch and the number of batches
-    it had consumed; a checkpoint written after the last batch of an epoch continues with the next
-    epoch from its start (as Lightning's loops do).
-
-    Args:
-        trainer: the trainer (``None``: outside a fit, ``(0, 0)``).
-        batches_per_epoch: batches of a full epoch on this rank (after ``limit_train_batches``).
+    A run restored from a mid-epoch checkpoint continues the checkpoint's epoch after the batches it
+    had consumed; one written after the last batch of an epoch continues with the next epoch (as
+    Lightning's loops do). ``trainer=None`` (outside a fit) gives ``(0, 0)``; ``batches_per_epoch``
+    counts a full epoch on this rank after ``limit_train_batches``.
     """
     if trainer is None:
         return 0, 0

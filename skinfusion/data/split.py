@@ -1,16 +1,11 @@
 """Lesion-grouped, label-stratified, seeded train/val/test split.
 
-HAM10000 holds several images of one lesion (``lesion_id``); if they straddle splits, the
-scores leak. :func:`assign_splits` therefore assigns whole groups (``Record.group``: the lesion
-id, or the image itself), stratified by the group's label, so that each class is divided in
-the requested fractions.
-
-Algorithm (greedy largest remainder): within each stratum (a class; unlabelled groups form their
-own stratum) the groups are shuffled with the seed, sorted by size (largest first, stable), and
-each goes to the split whose count is furthest below its target ``fraction * stratum size``
-(ties: the split furthest below its overall target, then the split order). With groups of one
-image this gives per-class counts within ±1 of the target; with small groups (HAM10000 has 1–6
-images per lesion) within about the largest group size.
+HAM10000 holds several images of one lesion; if they straddle splits, the scores leak. So whole
+groups (``Record.group``) are assigned, stratified by the group's label (unlabelled groups form their
+own stratum), greedily by largest remainder: within a stratum the groups are shuffled with the seed,
+sorted by size (largest first, stable), and each goes to the split furthest below its target
+``fraction * stratum size`` (ties: furthest below its overall target, then split order). Per-class
+counts land within ±1 of the target for single images, within about the largest group size otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from skinfusion.data.records import Record
 from skinfusion.errors import DataError
 
-__all__ = ["SPLITS", "assign_splits", "check_no_leakage", "group_label"]
+__all__ = ["SPLITS", "assign_splits", "check_no_leakage", "group_label", "normalized_fractions"]
 
 #: Split names, in the order of ``fractions``.
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -35,6 +30,14 @@ def group_label(records: Sequence[Record]) -> str | None:
         return None
     top = max(counts.values())
     return next(r.label for r in records if r.label is not None and counts[r.label] == top)
+
+
+def normalized_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+    """Scale three non-negative ``(train, val, test)`` weights with a positive sum so that they sum to 1."""
+    values = tuple(float(f) for f in fractions)
+    if len(values) != len(SPLITS) or min(values) < 0 or sum(values) <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers (train, val, test), got {fractions}")
+    return tuple(f / sum(values) for f in values)
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
@@ -59,7 +62,6 @@ def assign_splits(
         records: the records (ids must be unique).
         fractions: target fractions of (train, val, test); non-negative, summing to 1. A split
             with fraction 0 gets no free group.
-        seed: random seed; the same records and seed give the same split.
         fixed: ``{image_id: split}`` decided beforehand (e.g. a manifest's ``split`` column); the
             whole group of such an image goes there and counts towards the targets.
 

@@ -1,14 +1,10 @@
 """Procedural dermoscopy-like images with exact lesion masks, for tests and the quick start.
 
-Each sample is a skin-coloured field (low-frequency texture, vignette, sometimes the dark
-circle of a dermoscope, hair) with one lesion on it. The lesion is an irregular blob, a circle
-whose radius is perturbed by a few Fourier harmonics, so its mask is known exactly. Its size,
-border irregularity, colours and texture depend on the class, loosely after the dermoscopic
-criteria of the seven ISIC 2018 classes (MEL dark, multi-coloured and irregular; NV brown,
-round and uniform; BCC pink with blue-grey nests and branching vessels; AKIEC pink with white
-scale; BKL tan with coarse texture and milia-like dots; DF small with a pigment ring round a
-white centre; VASC red/purple lobules). Colours vary within a class and a fraction of samples
-borrows another class's colour, so the task is learnable but not trivial.
+Each sample is a skin-coloured field (texture, vignette, sometimes hair and the dark circle of a
+dermoscope) with one lesion: a circle whose radius is perturbed by a few Fourier harmonics, so its
+mask is known exactly. Size, border, colours and texture follow the class, loosely after the
+dermoscopic criteria of the seven ISIC 2018 classes; colours vary within a class and some samples
+borrow another class's colour, so the task is learnable but not trivial.
 
 Everything about sample ``i`` (class, split, annotation kind, pixels) comes from random streams
 seeded by ``(seed, i)``, so a sample is the same whatever the order or the number generated.
@@ -28,14 +24,14 @@ import cv2
 import numpy as np
 
 from skinfusion.data.dataset import SITES
+from skinfusion.data.readers import ManifestReader
 from skinfusion.data.records import ISIC_CLASSES, MANIFEST_COLUMNS, Record
+from skinfusion.data.split import SPLITS, normalized_fractions
 from skinfusion.io import atomic_write
 
 #: Bump when the rendering changes, so that cached synthetic folders are rebuilt.
 SYNTHETIC_VERSION = 1
 
-
-_SPLITS = ("train", "val", "test")
 
 # Random streams of one sample: one per purpose, so that overriding the class does not change
 # the pixels' randomness and the split does not depend on the rendering.
@@ -72,7 +68,6 @@ _STYLES: dict[str, _Style] = {
         n_blotches=(2, 5),
         texture=0.15,
         texture_cells=10,
-        softness=1.0,
         age=(60.0, 15.0),
     ),
     "NV": _Style(
@@ -81,7 +76,6 @@ _STYLES: dict[str, _Style] = {
         irregularity=(0.02, 0.08),
         blotches=((0.4, 0.26, 0.17),),
         n_blotches=(0, 1),
-        texture=0.05,
         texture_cells=8,
         softness=1.5,
         dark_centre=0.2,
@@ -137,7 +131,6 @@ _STYLES: dict[str, _Style] = {
         irregularity=(0.03, 0.1),
         blotches=((0.45, 0.13, 0.33),),
         n_blotches=(0, 2),
-        texture=0.05,
         softness=0.8,
         globules=(0.45, 0.08, 0.15),
         n_globules=(2, 6),
@@ -159,7 +152,7 @@ def synthetic_class(index: int, seed: int, num_classes: int = len(ISIC_CLASSES))
     return int(_stream(seed, index, _STREAM_CLASS).integers(num_classes))
 
 
-def _style_for(class_index: int, num_classes: int) -> _Style:
+def _style_for(class_index: int) -> _Style:
     # Class lists other than ISIC's borrow the ISIC styles in order (cycling).
     return _STYLES[_STYLE_ORDER[class_index % len(_STYLE_ORDER)]]
 
@@ -214,25 +207,14 @@ def _draw_vessels(rng: np.random.Generator, layer: np.ndarray, centre: np.ndarra
 
 
 def make_lesion(
-    index: int,
-    seed: int = 0,
-    size: int = 128,
-    class_index: int | None = None,
-    num_classes: int = len(ISIC_CLASSES),
+    index: int, seed: int = 0, size: int = 128, class_index: int | None = None, num_classes: int = len(ISIC_CLASSES)
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Render synthetic sample ``index``.
 
-    Args:
-        index: sample number; with ``seed`` it fixes everything about the sample.
-        seed: data-set seed.
-        size: side of the square image in pixels.
-        class_index: force this class (``0 <= class_index < num_classes``); by default the class
-            is drawn from the sample's own stream (uniform), see :func:`synthetic_class`.
-        num_classes: number of classes; classes beyond the seven ISIC styles reuse them in order.
-
-    Returns:
-        ``(image, mask, label)``: image uint8 (size, size, 3) RGB, mask uint8 (size, size) in {0, 1},
-        label the class index.
+    ``(index, seed)`` fix everything about the sample; ``class_index`` forces a class (by default it
+    is drawn uniformly, see :func:`synthetic_class`); classes beyond the seven ISIC styles reuse them
+    in order. Returns ``(image, mask, label)``: image uint8 (size, size, 3) RGB, mask uint8
+    (size, size) in {0, 1}, label the class index.
 
     Raises:
         ValueError: for a size below 16, a non-positive number of classes or a class out of range.
@@ -244,7 +226,7 @@ def make_lesion(
     label = synthetic_class(index, seed, num_classes) if class_index is None else int(class_index)
     if not 0 <= label < num_classes:
         raise ValueError(f"class_index must be in [0, {num_classes}), got {class_index}")
-    style = _style_for(label, num_classes)
+    style = _style_for(label)
     rng = _stream(seed, index, _STREAM_PIXELS)
     px = size / 128.0  # lengths below are given at 128 px
 
@@ -287,18 +269,9 @@ def make_lesion(
 
     for _ in range(rng.integers(style.n_blotches[0], style.n_blotches[1] + 1)):
         blotch = np.zeros((size, size), np.float32)
-        where = centre + rng.uniform(-0.6, 0.6, 2) * radius
-        axes = (radius * rng.uniform(0.2, 0.5), radius * rng.uniform(0.15, 0.4))
-        cv2.ellipse(
-            blotch,
-            tuple(np.round(where).astype(int)),
-            tuple(max(1, round(a)) for a in axes),
-            rng.uniform(0, 180),
-            0,
-            360,
-            1.0,
-            -1,
-        )
+        where = tuple(np.round(centre + rng.uniform(-0.6, 0.6, 2) * radius).astype(int))
+        axes = (max(1, round(radius * rng.uniform(0.2, 0.5))), max(1, round(radius * rng.uniform(0.15, 0.4))))
+        cv2.ellipse(blotch, where, axes, rng.uniform(0, 180), 0, 360, 1.0, -1)
         blotch = cv2.GaussianBlur(blotch, (0, 0), 2.0 * px)
         paint(blotch, style.blotches[rng.integers(len(style.blotches))], rng.uniform(0.6, 0.9))
     if style.globules is not None:
@@ -348,10 +321,10 @@ def synthetic_rows(
 ) -> list[dict[str, str]]:
     """Manifest rows of a synthetic data set, computed without rendering any pixel.
 
-    Row ``i`` has class, split, annotation kind and metadata fixed by ``(seed, i)``. A sample has a
-    mask with probability ``mask_fraction`` and a label with probability ``label_fraction``; every
-    sample has at least one of the two (hence the fractions must add up to at least 1). Image and
-    mask paths are relative (``images/SYN_xxxxxx.png``, ``masks/SYN_xxxxxx_segmentation.png``).
+    Row ``i`` has class, split (``fractions``: train/val/test), annotation kind and metadata fixed by
+    ``(seed, i)``. A sample has a mask with probability ``mask_fraction`` and a label with probability
+    ``label_fraction``; every sample has at least one of the two (hence the fractions must add up to at
+    least 1). The number of ``class_names`` sets the number of classes.
 
     Raises:
         ValueError: for ``n < 1``, fractions outside [0, 1], ``mask_fraction + label_fraction < 1``,
@@ -366,7 +339,7 @@ def synthetic_rows(
             f"mask_fraction + label_fraction must be >= 1 so that every sample has an annotation, "
             f"got {mask_fraction} + {label_fraction}"
         )
-    split_edges = _split_edges(fractions)
+    split_edges = np.cumsum(normalized_fractions(fractions))[:-1]
     rows = []
     for i in range(n):
         sample_id = f"SYN_{i:06d}"
@@ -376,9 +349,9 @@ def synthetic_rows(
         kind = _stream(seed, i, _STREAM_ANNOTATION).random()
         has_mask = kind < mask_fraction
         has_label = kind >= 1.0 - label_fraction
-        split = _SPLITS[int(np.searchsorted(split_edges, _stream(seed, i, _STREAM_SPLIT).random(), side="right"))]
+        split = SPLITS[int(np.searchsorted(split_edges, _stream(seed, i, _STREAM_SPLIT).random(), side="right"))]
         meta_rng = _stream(seed, i, _STREAM_META)
-        age_mean, age_sd = _style_for(label, len(class_names)).age
+        age_mean, age_sd = _style_for(label).age
         age = float(np.clip(round(meta_rng.normal(age_mean, age_sd) / 5) * 5, 5, 90))
         rows.append(
             {
@@ -397,13 +370,6 @@ def synthetic_rows(
     return rows
 
 
-def _split_edges(fractions: Sequence[float]) -> np.ndarray:
-    values = np.asarray(fractions, dtype=np.float64)
-    if values.shape != (3,) or (values < 0).any() or values.sum() <= 0:
-        raise ValueError(f"fractions must be three non-negative numbers (train, val, test), got {fractions}")
-    return np.cumsum(values / values.sum())[:-1]
-
-
 def write_synthetic(
     root: str | Path,
     n: int,
@@ -414,23 +380,11 @@ def write_synthetic(
     label_fraction: float = 1.0,
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
 ) -> list[Record]:
-    """Write a synthetic data set as PNG files plus a prepared ``manifest.csv``.
+    """Write the data set of :func:`synthetic_rows` to ``root`` as PNG files (``size`` pixels square) plus a
+    prepared ``manifest.csv``, and return one :class:`Record` per sample (``meta["split"]`` holds its split).
 
     The folder is reused as it is when it already holds a data set written with the same
     parameters (recorded in ``synthetic.json``, written last); otherwise it is (re)written.
-
-    Args:
-        root: output folder (created).
-        n: number of samples.
-        seed: data-set seed (see :func:`make_lesion`).
-        size: image side in pixels.
-        class_names: class names; their number sets the number of classes.
-        mask_fraction: fraction of samples that keep their mask.
-        label_fraction: fraction of samples that keep their label.
-        fractions: train/val/test fractions of the ``split`` column.
-
-    Returns:
-        One :class:`Record` per sample, in index order; ``meta["split"]`` holds its split.
 
     Raises:
         ValueError: as :func:`synthetic_rows`, or for a size below 16.
@@ -500,6 +454,4 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 def _records(root: Path, rows: list[dict[str, str]]) -> list[Record]:
-    from skinfusion.data.readers import ManifestReader
-
     return ManifestReader(root / "manifest.csv", source_column="source").records(enumerate(rows, start=2))

@@ -34,41 +34,39 @@ NORMALIZATIONS: tuple[str, ...] = ("unit", "imagenet")
 STAGES: tuple[str, ...] = ("train", "val", "test", "predict")
 
 
-class MaskToFloat(A.DualTransform):
-    """Turn an (H,W) {0,1} uint8 mask into float32 (1,H,W); the image passes unchanged.
-
-    Placed before ``ToTensorV2`` so that the mask tensor comes out with its channel axis.
-    """
+class _MaskOnly(A.DualTransform):
+    """A step that changes the mask only; the image passes unchanged."""
 
     def __init__(self, p: float = 1.0) -> None:
         super().__init__(p=p)
 
     def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
         return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
+class MaskToFloat(_MaskOnly):
+    """Turn an (H,W) {0,1} uint8 mask into float32 (1,H,W), before ``ToTensorV2`` (which keeps the channel axis)."""
 
     def apply_to_mask(self, mask: np.ndarray, **params: Any) -> np.ndarray:
         if mask.ndim == 3:  # (H,W,1)
             mask = mask[..., 0]
         return mask.astype(np.float32)[None]
 
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ()
 
-
-class MaskAddChannel(A.DualTransform):
-    """Turn an (H,W) mask into (1,H,W) keeping its dtype (uint8 stays uint8); the image passes unchanged."""
-
-    def __init__(self, p: float = 1.0) -> None:
-        super().__init__(p=p)
-
-    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        return img
+class MaskAddChannel(_MaskOnly):
+    """Turn an (H,W) mask into (1,H,W) keeping its dtype (uint8 stays uint8)."""
 
     def apply_to_mask(self, mask: np.ndarray, **params: Any) -> np.ndarray:
         return mask[None] if mask.ndim == 2 else np.moveaxis(mask, -1, 0)
 
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ()
+
+def _mean_std(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    return (IMAGENET_MEAN, IMAGENET_STD) if normalization == "imagenet" else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def normalize_tensor(image: torch.Tensor, normalization: str = "imagenet") -> torch.Tensor:
@@ -84,25 +82,14 @@ def normalize_tensor(image: torch.Tensor, normalization: str = "imagenet") -> to
     Raises:
         ValueError: unknown normalization or not 3 channels.
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    mean, std = _mean_std(normalization)
     channel_axis = image.ndim - 3
     if image.ndim < 3 or image.shape[channel_axis] != 3:
         raise ValueError(f"expected (B,3,H,W) or (3,H,W) images, got {tuple(image.shape)}")
-    mean = IMAGENET_MEAN if normalization == "imagenet" else (0.0, 0.0, 0.0)
-    std = IMAGENET_STD if normalization == "imagenet" else (1.0, 1.0, 1.0)
     shape = (3, 1, 1)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=image.device).view(shape)
     shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=image.device).view(shape)
     return torch.addcmul(shift, image.float(), scale)
-
-
-def _normalize(normalization: str) -> A.Normalize:
-    if normalization == "unit":
-        return A.Normalize(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), max_pixel_value=255.0)
-    if normalization == "imagenet":
-        return A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0)
-    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 def build_transforms(
@@ -126,19 +113,14 @@ def build_transforms(
 
     Args:
         stage: ``train``, ``val``, ``test`` or ``predict``.
-        image_size: output side in pixels.
         normalization: ``unit`` ([0,1], as the paper) or ``imagenet`` (mean/std of ImageNet).
         augment: apply the training augmentation (only used when ``stage == "train"``).
         color_jitter: strength of brightness/contrast/saturation jitter (hue gets a quarter of
             it); 0 disables it. Must be in [0, 1).
         seed: seed of the pipeline's own random state (albumentations ignores global seeds); the
             DataModule reseeds it in every worker.
-        normalize: ``False`` leaves the image uint8 (3,S,S) and the mask uint8 (1,S,S) in {0,1} (a quarter
-            of the bytes through worker pipes, pinning and host-to-device copies); normalise them later
-            with :func:`normalize_tensor`, e.g. on the GPU.
-
-    Returns:
-        An ``albumentations.Compose``.
+        normalize: ``False`` leaves the image uint8 (3,S,S) and the mask uint8 (1,S,S) in {0,1}, to be
+            normalised later with :func:`normalize_tensor`, e.g. on the GPU.
 
     Raises:
         ValueError: unknown stage or normalization, a non-positive size, or a jitter outside [0, 1).
@@ -149,8 +131,8 @@ def build_transforms(
         raise ValueError(f"image_size must be positive, got {image_size}")
     if not 0.0 <= color_jitter < 1.0:
         raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
-    normalize_step = _normalize(normalization)  # checks the name even when normalising later
-    tail = [normalize_step, MaskToFloat()] if normalize else [MaskAddChannel()]
+    mean, std = _mean_std(normalization)  # checks the name even when normalising later
+    tail = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), MaskToFloat()] if normalize else [MaskAddChannel()]
     if stage == "train" and augment:
         steps: list[A.BasicTransform] = [
             A.RandomResizedCrop(size=(image_size, image_size), scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)),
@@ -161,17 +143,9 @@ def build_transforms(
         if color_jitter > 0:
             steps.append(
                 A.ColorJitter(
-                    brightness=color_jitter,
-                    contrast=color_jitter,
-                    saturation=color_jitter,
-                    hue=color_jitter / 4,
-                    p=0.8,
+                    brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=color_jitter / 4, p=0.8
                 )
             )
     else:
         steps = [A.Resize(image_size, image_size)]
-    return A.Compose(
-        [*steps, *tail, ToTensorV2()],
-        mask_interpolation=cv2.INTER_NEAREST,
-        seed=seed,
-    )
+    return A.Compose([*steps, *tail, ToTensorV2()], mask_interpolation=cv2.INTER_NEAREST, seed=seed)

@@ -1,9 +1,7 @@
 """Checks that a Record's files are usable: decodable image, binary mask of the same size, known class.
 
-:func:`validate_record` collects every problem of one record; :func:`load_record` is the same
-check that stops at the first problem and hands back the decoded (optionally downscaled)
-arrays, so ``prepare`` validates and builds its cache from one decode. Cross-record checks
-(duplicate ids) and path containment are here too.
+:func:`validate_record` collects every problem of one record; :func:`load_record` stops at the
+first one and hands back the decoded arrays, so ``prepare`` validates and caches from one decode.
 """
 
 from __future__ import annotations
@@ -23,8 +21,10 @@ __all__ = [
     "LoadedRecord",
     "check_inside_root",
     "check_label",
+    "check_sizes",
     "check_unique_ids",
     "load_record",
+    "size_mismatch",
     "validate_record",
     "validate_records",
 ]
@@ -49,9 +49,7 @@ def check_inside_root(path: str | Path, root: str | Path, *, allow_outside_root:
     """Resolve ``path`` (relative paths against ``root``) and check that it stays inside ``root``.
 
     Symbolic links are resolved, so a link pointing out of ``root`` also counts as escaping.
-
-    Returns:
-        The resolved absolute path.
+    Returns the resolved absolute path.
 
     Raises:
         DataError: the path escapes ``root`` (``..`` components, an absolute path elsewhere)
@@ -74,6 +72,29 @@ def check_label(record: Record, class_names: Sequence[str] | None) -> None:
         raise DataError(record.image, f"unknown class {record.label!r}; expected one of {', '.join(class_names)}")
 
 
+def size_mismatch(record: Record, mask_size: tuple[int, int], image_size: tuple[int, int]) -> DataError:
+    """The error for a mask whose ``(width, height)`` differs from its image's."""
+    return DataError(
+        record.mask,
+        f"mask is {mask_size[0]}x{mask_size[1]} but image {Path(record.image).name} is "
+        f"{image_size[0]}x{image_size[1]} (after EXIF orientation)",
+    )
+
+
+def check_sizes(record: Record, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Return the image's upright ``(width, height)`` from the headers, checking that the mask has it too.
+
+    Raises:
+        DataError: an unreadable header or a mask of another size.
+    """
+    size = image_size(record.image, max_pixels=max_pixels)
+    if record.mask is not None:
+        mask_size = image_size(record.mask, max_pixels=max_pixels)
+        if mask_size != size:
+            raise size_mismatch(record, mask_size, size)
+    return size
+
+
 def load_record(
     record: Record,
     class_names: Sequence[str] | None = None,
@@ -86,11 +107,9 @@ def load_record(
     """Validate one record and return its decoded pixels; stops at the first problem.
 
     Args:
-        record: the record to load.
         class_names: allowed labels (``None``: any).
-        max_side: downscale so that the ``side`` side is at most this (see :func:`read_image`);
-            the mask is resized to the same size.
-        side: ``"longest"`` or ``"shortest"``.
+        max_side: downscale so that the ``side`` side (``"longest"`` or ``"shortest"``) is at most
+            this (see :func:`read_image`); the mask is resized to the same size.
         reduce: allow reduced-resolution JPEG decoding.
         max_pixels: decompression-bomb limit.
 
@@ -98,15 +117,7 @@ def load_record(
         DataError: the first problem found (file, reason).
     """
     check_label(record, class_names)
-    orig_size = image_size(record.image, max_pixels=max_pixels)
-    if record.mask is not None:
-        mask_size = image_size(record.mask, max_pixels=max_pixels)
-        if mask_size != orig_size:
-            raise DataError(
-                record.mask,
-                f"mask is {mask_size[0]}x{mask_size[1]} but image {Path(record.image).name} is "
-                f"{orig_size[0]}x{orig_size[1]} (after EXIF orientation)",
-            )
+    orig_size = check_sizes(record, max_pixels=max_pixels)
     image = read_image(record.image, max_side, side=side, reduce=reduce, max_pixels=max_pixels)
     mask = None
     if record.mask is not None:
@@ -116,10 +127,7 @@ def load_record(
 
 
 def validate_record(
-    record: Record,
-    class_names: Sequence[str] | None = None,
-    *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    record: Record, class_names: Sequence[str] | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> list[DataError]:
     """Check one record completely and return every problem found (empty list: valid).
 
@@ -141,13 +149,7 @@ def validate_record(
         try:
             mask = read_mask(record.mask, max_pixels=max_pixels)
             if image_shape is not None and mask.shape != image_shape[:2]:
-                problems.append(
-                    DataError(
-                        record.mask,
-                        f"mask is {mask.shape[1]}x{mask.shape[0]} but image {Path(record.image).name} is "
-                        f"{image_shape[1]}x{image_shape[0]} (after EXIF orientation)",
-                    )
-                )
+                problems.append(size_mismatch(record, mask.shape[::-1], image_shape[1::-1]))
         except DataError as err:
             problems.append(err)
     return problems
@@ -166,10 +168,7 @@ def check_unique_ids(records: Iterable[Record]) -> None:
 
 
 def validate_records(
-    records: Sequence[Record],
-    class_names: Sequence[str] | None = None,
-    *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    records: Sequence[Record], class_names: Sequence[str] | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> list[DataError]:
     """Validate a list of records sequentially (duplicate ids first), returning every problem."""
     problems: list[DataError] = []

@@ -32,18 +32,10 @@ def _known(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def fit_temperature(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, max_iter: int = 100) -> float:
-    """Fit the temperature ``T`` that minimises the NLL of ``softmax(logits / T)``.
+    """The temperature ``T`` (> 1 softens over-confident predictions) that minimises the NLL of ``softmax(logits / T)``.
 
-    The optimisation runs on ``log T`` (so ``T`` stays positive) with L-BFGS and a strong-Wolfe
-    line search, starting at ``T = 1``.
-
-    Args:
-        logits: (N,K) class logits of a held-out (validation) set.
-        labels: (N,) class indices; -1 (unknown) rows are ignored.
-        max_iter: L-BFGS iterations.
-
-    Returns:
-        The fitted temperature (> 1 softens over-confident predictions).
+    ``logits`` (N,K) of a held-out set, ``labels`` (N,) class indices (-1: unknown, ignored). L-BFGS with a
+    strong-Wolfe line search on ``log T`` (so ``T`` stays positive), from ``T = 1``.
 
     Raises:
         ValueError: on inconsistent shapes, out-of-range labels or no labelled row.
@@ -66,19 +58,11 @@ def fit_temperature(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np
 def expected_calibration_error(
     probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, n_bins: int = 15
 ) -> float:
-    """Top-label expected calibration error with equal-width confidence bins.
+    """Top-label expected calibration error in [0, 1], with ``n_bins`` equal-width confidence bins over [0, 1].
 
-    ``ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|`` where the confidence is the
-    highest probability of a row, bin ``b`` holds confidences in ``((b-1)/n_bins, b/n_bins]``, and
-    the prediction is the arg-max (first index on a tie).
-
-    Args:
-        probs: (N,K) class probabilities (rows summing to 1).
-        labels: (N,) class indices; -1 (unknown) rows are ignored.
-        n_bins: number of bins over [0, 1].
-
-    Returns:
-        The ECE in [0, 1].
+    ``ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|`` where the confidence is the highest
+    probability of a row of ``probs`` (N,K), bin ``b`` holds confidences in ``((b-1)/n_bins, b/n_bins]``, and
+    the prediction is the arg-max (first index on a tie). ``labels`` (N,): class indices, -1 (unknown) ignored.
 
     Raises:
         ValueError: on inconsistent shapes, out-of-range labels, or ``n_bins < 1``.

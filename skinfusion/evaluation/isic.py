@@ -1,34 +1,25 @@
-"""ISIC challenge metrics, computed exactly as the official ``isic-challenge-scoring`` package (5.6).
+"""ISIC challenge metrics, computed exactly as the official ``isic-challenge-scoring`` package (5.6), numpy only.
 
-Task 1 (lesion segmentation) is scored per image, at the original image resolution, from the binary
-confusion counts of the predicted and ground-truth masks; the ranking metric is the *thresholded*
-Jaccard index (an image whose Jaccard is below 0.65 scores 0), averaged over images. Task 3
-(diagnosis) is ranked by the balanced multi-class accuracy (mean per-class recall); per class, the
-scorer also reports one-vs-rest accuracy, sensitivity, specificity, Dice, PPV, NPV, ROC AUC, the
-partial ROC AUC above 80% sensitivity and average precision.
+Task 1 (lesion segmentation) is scored per image, at the original resolution, and ranked by the *thresholded*
+Jaccard index (0 below 0.65) averaged over images. Task 3 (diagnosis) is ranked by the balanced multi-class
+accuracy (mean per-class recall); per class the scorer also reports one-vs-rest accuracy, sensitivity,
+specificity, Dice, PPV, NPV, ROC AUC, partial ROC AUC above 80% sensitivity and average precision.
 
-This module is numpy-only (no scikit-learn, no torch) and reproduces the official conventions,
-including the edge cases:
+The official conventions, edge cases included:
 
-* Masks: an 8-bit mask is foreground where ``value > 128``; a ``bool`` mask is taken as is.
-* A zero denominator scores a "freebie" 1.0: sensitivity when there is no true positive pixel
-  (TP+FN=0), specificity when there is no true negative pixel (TN+FP=0), Jaccard and Dice when
-  both masks are empty (TP+FP+FN=0), PPV when nothing is predicted positive, NPV when nothing is
-  predicted negative. So an empty prediction on an empty truth scores 1 everywhere, and an empty
-  prediction on a non-empty truth scores Jaccard 0.
-* Classification labels come from the highest probability; a row whose maximum is shared by
-  several classes is "undecided": as a prediction it is always wrong, as a truth it is left out
-  of the balanced accuracy.
-* A class absent from the truth has no recall and is left out of the balanced-accuracy mean; its
-  ROC AUC and partial AUC are NaN (scikit-learn >=1.6 semantics), its average precision is 0, and
-  NaN entries are skipped by the macro averages (pandas semantics). The official package itself
-  crashes on such a class (its partial-AUC code interpolates an empty curve); we return NaN.
-* Per-image or per-row weights follow the official truth CSV columns ``score_weight``; the
-  official truth reader gives image ``ISIC_0035068`` weight 0, and so does
-  :func:`read_classification_truth_csv`.
+* An 8-bit mask is foreground where ``value > 128``; a ``bool`` mask is taken as is.
+* A zero denominator scores a "freebie" 1.0 (sensitivity without true positives, specificity without true
+  negatives, Jaccard and Dice when both masks are empty, PPV / NPV when nothing is predicted positive /
+  negative): an empty prediction scores 1 everywhere on an empty truth, and Jaccard 0 on a non-empty one.
+* Classification labels come from the highest probability; a row whose maximum is tied is "undecided": as a
+  prediction always wrong, as a truth left out of the balanced accuracy.
+* A class absent from the truth is left out of the balanced accuracy; its ROC AUC and partial AUC are NaN
+  (scikit-learn >= 1.6), its average precision 0, and macro averages skip NaN. (The official package crashes
+  on such a class.)
+* Weights follow the truth CSV's ``score_weight`` column; image ``ISIC_0035068`` gets weight 0, as in the
+  official truth reader.
 
-Reference: N. Codella et al., "Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge
-Hosted by the International Skin Imaging Collaboration (ISIC)", arXiv:1902.03368.
+Reference: N. Codella et al., "Skin Lesion Analysis Toward Melanoma Detection 2018", arXiv:1902.03368.
 """
 
 from __future__ import annotations
@@ -51,26 +42,9 @@ from skinfusion.errors import DataError
 #: Jaccard below this scores 0 in the Task 1 ranking metric.
 JACCARD_THRESHOLD = 0.65
 #: Task 1 metrics, in the official scorer's order.
-SEGMENTATION_METRICS: tuple[str, ...] = (
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "jaccard",
-    "threshold_jaccard",
-    "dice",
-)
+SEGMENTATION_METRICS = ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice")
 #: Task 3 per-class metrics, in the official scorer's order.
-CLASSIFICATION_METRICS: tuple[str, ...] = (
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "dice",
-    "ppv",
-    "npv",
-    "auc",
-    "auc_sens_80",
-    "ap",
-)
+CLASSIFICATION_METRICS = ("accuracy", "sensitivity", "specificity", "dice", "ppv", "npv", "auc", "auc_sens_80", "ap")
 #: File-name suffix of ISIC Task 1 masks.
 SEGMENTATION_SUFFIX = "_segmentation.png"
 #: Images the official truth reader gives weight 0 (a known bad ground-truth image).
@@ -81,18 +55,12 @@ _ISIC_ID = re.compile(r"ISIC_[0-9]{7}")
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz
 
 
-# ---------------------------------------------------------------------------------------------
-# Binary confusion counts
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- Binary confusion counts
 
 
 @dataclass(frozen=True)
 class BinaryConfusion:
-    """Binary confusion counts (weighted sums when built with weights), with the official metrics.
-
-    Attributes:
-        tp: true positives. tn: true negatives. fp: false positives. fn: false negatives.
-    """
+    """Binary confusion counts (weighted sums when built with weights), with the official metrics."""
 
     tp: float
     tn: float
@@ -167,26 +135,16 @@ class BinaryConfusion:
         return self.tn / (self.tn + self.fn) if self.tn + self.fn else 1.0
 
 
-# ---------------------------------------------------------------------------------------------
-# Task 1: segmentation
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------- Task 1: segmentation
 
 
 def as_binary_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
-    """A mask as a 2-D boolean array, with the official scorer's rule for 8-bit masks.
+    """An HxW mask as a boolean array: ``bool`` as is, integer foreground where ``value > 128`` (the official rule).
 
-    Args:
-        mask: HxW array, ``bool`` (taken as is) or integer (foreground where ``value > 128``, as
-            the official scorer reads 8-bit PNGs; so {0,255} and {0,1}-as-uint8 differ: pass
-            {0,1} masks as ``bool``).
-        name: what to call the mask in error messages.
-
-    Returns:
-        Boolean HxW array.
+    So {0,255} and {0,1}-as-uint8 masks differ: pass {0,1} masks as ``bool``.
 
     Raises:
-        ValueError: if the mask is not 2-D, is empty, or is of a float/other dtype (threshold a
-            probability map first, e.g. with :class:`skinfusion.inference.postprocess.PostProcess`).
+        ValueError: if the mask is not 2-D, is empty, or is of a float/other dtype (threshold it first).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -200,66 +158,43 @@ def as_binary_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
     raise ValueError(f"{name} must be bool or 8-bit integer {{0,255}}, got dtype {mask.dtype}; threshold it first")
 
 
+def _check_sizes(pred: np.ndarray, truth: np.ndarray, where: Any, truth_name: str = "the ground truth") -> None:
+    if pred.shape != truth.shape:
+        raise DataError(
+            where,
+            f"predicted mask is {pred.shape[1]}x{pred.shape[0]} (WxH) but {truth_name} is "
+            f"{truth.shape[1]}x{truth.shape[0]}; predict at the original image size",
+        )
+
+
 def segmentation_image_scores(pred_mask: np.ndarray, true_mask: np.ndarray, image_id: str = "") -> dict[str, float]:
-    """Task 1 metrics of one image (see :data:`SEGMENTATION_METRICS`).
-
-    Args:
-        pred_mask: predicted HxW mask (bool, or 8-bit {0,255}), at the original image size.
-        true_mask: ground-truth HxW mask, same size.
-        image_id: named in the error raised on a size mismatch.
-
-    Returns:
-        ``{metric: value}`` for the six Task 1 metrics.
+    """Task 1 metrics (:data:`SEGMENTATION_METRICS`) of one image, from HxW masks at the original size.
 
     Raises:
-        DataError: if the two masks differ in size.
+        DataError: if the two masks differ in size (``image_id`` names the image).
     """
     pred = as_binary_mask(pred_mask, f"prediction {image_id}".strip())
     truth = as_binary_mask(true_mask, f"ground truth {image_id}".strip())
-    if pred.shape != truth.shape:
-        raise DataError(
-            image_id or None,
-            f"predicted mask is {pred.shape[1]}x{pred.shape[0]} (WxH) but the ground truth is "
-            f"{truth.shape[1]}x{truth.shape[0]}; predict at the original image size",
-        )
+    _check_sizes(pred, truth, image_id or None)
     cm = BinaryConfusion.from_binary(pred, truth)
     return {
-        "accuracy": cm.accuracy,
-        "sensitivity": cm.sensitivity,
-        "specificity": cm.specificity,
-        "jaccard": cm.jaccard,
-        "threshold_jaccard": cm.threshold_jaccard(),
-        "dice": cm.dice,
+        name: cm.threshold_jaccard() if name == "threshold_jaccard" else getattr(cm, name)
+        for name in SEGMENTATION_METRICS
     }
 
 
-def _mean_scores(rows: Iterable[dict[str, float]], names: Sequence[str]) -> dict[str, float]:
-    values: dict[str, list[float]] = {name: [] for name in names}
-    count = 0
-    for row in rows:
-        count += 1
-        for name in names:
-            values[name].append(row[name])
-    if count == 0:
+def mean_scores(rows: Iterable[dict[str, float]], names: Sequence[str] = SEGMENTATION_METRICS) -> dict[str, Any]:
+    """The official "macro average" of per-image scores: every image weighs the same; adds ``num_images``."""
+    rows = list(rows)
+    if not rows:
         raise ValueError("no images to score")
-    scores: dict[str, Any] = {name: float(np.mean(values[name])) for name in names}
-    scores["num_images"] = count
-    return scores
+    return {**{name: float(np.mean([row[name] for row in rows])) for name in names}, "num_images": len(rows)}
 
 
 def segmentation_scores(pred_masks: Iterable[np.ndarray], true_masks: Iterable[np.ndarray]) -> dict[str, float]:
-    """Task 1 metrics averaged over images (the official "macro average").
+    """Task 1 metrics of each image at its own resolution, averaged over images, and ``num_images``.
 
-    Each image is scored at its own resolution and weighs the same in the mean. The iterables are
-    consumed lazily, so full-resolution masks can be streamed from disk.
-
-    Args:
-        pred_masks: predicted HxW masks (bool or 8-bit {0,255}).
-        true_masks: ground-truth masks, same order and sizes.
-
-    Returns:
-        ``{"accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice"}``
-        means (``threshold_jaccard`` is the ISIC 2018 Task 1 ranking score) and ``num_images``.
+    The iterables (HxW masks, bool or 8-bit) are consumed lazily, so full-resolution masks can be streamed.
 
     Raises:
         ValueError: if the iterables differ in length or are empty.
@@ -275,7 +210,7 @@ def segmentation_scores(pred_masks: Iterable[np.ndarray], true_masks: Iterable[n
                 raise ValueError("pred_masks and true_masks differ in length") from error
             raise
 
-    return _mean_scores(rows(), SEGMENTATION_METRICS)
+    return mean_scores(rows())
 
 
 def read_segmentation_mask(path: str | Path) -> np.ndarray:
@@ -314,16 +249,15 @@ def _prediction_index(pred_dir: Path) -> dict[str, list[Path]]:
 def iter_segmentation_pairs(
     pred_dir: str | Path, truth_dir: str | Path
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """Yield ``(image_id, predicted mask, true mask)`` for every ground-truth mask, in name order.
+    """Yield ``(image_id, predicted mask, true mask)`` (uint8) for every ground-truth mask, in name order.
 
-    Ground-truth files are the PNGs of ``truth_dir`` whose name holds an ISIC id
-    (``ISIC_xxxxxxx_segmentation.png``); other files (``ATTRIBUTION.txt``...) are skipped. The
-    prediction of ``ISIC_0012345`` is the one file of ``pred_dir`` whose stem contains
-    ``0012345`` (the official rule), normally ``ISIC_0012345_segmentation.png``. Masks are uint8.
+    Ground-truth files are the PNGs of ``truth_dir`` whose name holds an ISIC id; other files are skipped. The
+    prediction of ``ISIC_0012345`` is the one file of ``pred_dir`` whose stem contains ``0012345`` (the
+    official rule).
 
     Raises:
-        DataError: if a folder is missing, a prediction is missing or ambiguous, a mask cannot be
-            read, or a prediction's size differs from its ground truth's.
+        DataError: if a folder is missing, a prediction is missing or ambiguous, a mask cannot be read, or a
+            prediction's size differs from its ground truth's.
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     for folder in (pred_dir, truth_dir):
@@ -347,34 +281,18 @@ def iter_segmentation_pairs(
             raise DataError(pred_dir, f"several predicted masks match {image_id}: {names}")
         truth = read_segmentation_mask(truth_file)
         pred = read_segmentation_mask(candidates[0])
-        if pred.shape != truth.shape:
-            raise DataError(
-                candidates[0],
-                f"predicted mask is {pred.shape[1]}x{pred.shape[0]} (WxH) but the ground truth "
-                f"{truth_file.name} is {truth.shape[1]}x{truth.shape[0]}; predict at the original image size",
-            )
+        _check_sizes(pred, truth, candidates[0], f"the ground truth {truth_file.name}")
         yield image_id, pred, truth
 
 
 def score_segmentation_folders(pred_dir: str | Path, truth_dir: str | Path) -> dict[str, float]:
-    """Score a folder of predicted Task 1 masks against the ground-truth folder.
-
-    See :func:`iter_segmentation_pairs` for the matching rule and :func:`segmentation_scores` for
-    the result. Predictions without a ground truth are ignored, as by the official scorer.
-    """
-    return _mean_scores(
-        (
-            segmentation_image_scores(pred, truth, image_id)
-            for image_id, pred, truth in iter_segmentation_pairs(pred_dir, truth_dir)
-        ),
-        SEGMENTATION_METRICS,
-    )
+    """Score a folder of predicted Task 1 masks (matched by :func:`iter_segmentation_pairs`) as
+    :func:`segmentation_scores`; predictions without a ground truth are ignored, as by the official scorer."""
+    pairs = iter_segmentation_pairs(pred_dir, truth_dir)
+    return mean_scores(segmentation_image_scores(pred, truth, image_id) for image_id, pred, truth in pairs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Task 3: classification — ranking curves (numpy ports of the scikit-learn functions the official
-# scorer calls, so that the package needs no scikit-learn)
-# ---------------------------------------------------------------------------------------------
+# -------------------- Task 3: ranking curves (numpy ports of the scikit-learn functions that the official scorer calls)
 
 
 def _binary_inputs(
@@ -395,10 +313,13 @@ def _binary_inputs(
 
 
 def _threshold_counts(
-    truth: np.ndarray, scores: np.ndarray, weights: np.ndarray
+    truth: np.ndarray, scores: np.ndarray, weights: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False/true positive (weight) sums at each distinct score, highest first (sklearn's curve core)."""
+    truth, scores, weights = _binary_inputs(truth, scores, weights)
     keep = weights != 0
+    if not keep.any():
+        raise ValueError("all weights are zero")
     truth, scores, weights = truth[keep], scores[keep], weights[keep]
     order = np.argsort(-scores, kind="stable")
     scores, truth, weights = scores[order], truth[order], weights[order]
@@ -416,9 +337,6 @@ def roc_curve(
     Rows of weight 0 are dropped; the curve starts at (0, 0) with threshold ``inf``. A rate whose
     denominator is 0 (no positives, or no negatives) is NaN throughout.
     """
-    truth, scores, weights = _binary_inputs(truth, scores, weights)
-    if not (weights != 0).any():
-        raise ValueError("all weights are zero")
     fps, tps, thresholds = _threshold_counts(truth, scores, weights)
     if drop_intermediate and fps.size > 2:
         keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
@@ -466,9 +384,6 @@ def average_precision(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray
     As ``sklearn.metrics.average_precision_score``: ``sum_n (R_n - R_{n-1}) P_n``; 0.0 when the
     truth has no positive.
     """
-    truth, scores, weights = _binary_inputs(truth, scores, weights)
-    if not (weights != 0).any():
-        raise ValueError("all weights are zero")
     fps, tps, _ = _threshold_counts(truth, scores, weights)
     predicted_positive = tps + fps
     precision = np.divide(tps, predicted_positive, out=np.zeros_like(tps), where=predicted_positive != 0)
@@ -478,9 +393,7 @@ def average_precision(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray
     return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
 
 
-# ---------------------------------------------------------------------------------------------
-# Task 3: classification
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------- Task 3: classification
 
 
 def probabilities_to_labels(probabilities: np.ndarray) -> np.ndarray:
@@ -497,17 +410,12 @@ def probabilities_to_labels(probabilities: np.ndarray) -> np.ndarray:
 def balanced_multiclass_accuracy(
     probabilities: np.ndarray, truth: np.ndarray, weights: np.ndarray | None = None
 ) -> float:
-    """Mean per-class recall (ISIC 2018 Task 3 ranking metric).
+    """Mean per-class recall over the classes present in the truth (ISIC 2018 Task 3 ranking metric); NaN if none.
 
     Args:
         probabilities: (N,K) predicted scores; a tied maximum counts as a wrong prediction.
-        truth: (N,K) one-hot truth (an all-zero or tied row is left out) or (N,) class indices
-            (-1 left out).
+        truth: (N,K) one-hot truth (an all-zero or tied row is left out) or (N,) class indices (-1 left out).
         weights: optional (N,) non-negative row weights.
-
-    Returns:
-        The mean, over the classes present in the truth, of (weighted) correct / (weighted) count;
-        NaN when no class is present.
     """
     probabilities = np.asarray(probabilities, dtype=np.float64)
     truth = np.asarray(truth)
@@ -546,20 +454,13 @@ def _one_hot_truth(
         if (labels >= k).any() or (labels < -1).any():
             raise ValueError(f"labels must be class indices in [0, {k}) or -1 (unknown)")
         known = labels >= 0  # -1: unknown diagnosis (Batch contract), not scored
-        one_hot = np.zeros((int(known.sum()), k))
-        one_hot[np.arange(one_hot.shape[0]), labels[known]] = 1.0
-        return probabilities[known], one_hot, weights[known]
+        return probabilities[known], np.eye(k)[labels[known]], weights[known]
     if truth.shape != probabilities.shape:
         raise ValueError(f"one-hot truth must be {probabilities.shape}, got {truth.shape}")
     truth = truth.astype(np.float64)
     if not np.isin(truth, (0.0, 1.0)).all():
         raise ValueError("one-hot truth must hold only 0 and 1")
     return probabilities, truth, weights
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    finite = [value for value in values if not math.isnan(value)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def classification_scores(
@@ -573,14 +474,12 @@ def classification_scores(
     Args:
         probabilities: (N,K) predicted class probabilities in [0, 1].
         truth: (N,K) one-hot truth, or (N,) class indices where -1 (unknown) rows are dropped.
-        class_names: K names used in the keys; default :data:`ISIC_CLASSES` when K is 7, else
-            ``"0"``...``"K-1"``.
+        class_names: K names used in the keys; default :data:`ISIC_CLASSES` when K is 7, else ``"0"``...
         weights: optional (N,) row weights (the truth CSV's ``score_weight``), default 1.
 
     Returns:
-        ``balanced_accuracy``; per class ``{metric}/{class}`` for each of
-        :data:`CLASSIFICATION_METRICS` (one-vs-rest, a probability > 0.5 counting as positive);
-        and ``macro/{metric}``, the mean over classes skipping NaN.
+        ``balanced_accuracy``; per class ``{metric}/{class}`` for each of :data:`CLASSIFICATION_METRICS`
+        (one-vs-rest, a probability > 0.5 counting as positive); ``macro/{metric}``, the mean skipping NaN.
 
     Raises:
         ValueError: on inconsistent shapes, probabilities outside [0, 1], or non-binary truth.
@@ -599,13 +498,8 @@ def classification_scores(
     for column, name in enumerate(class_names):
         class_truth, class_scores = truth[:, column], probabilities[:, column]
         cm = BinaryConfusion.from_binary(class_scores > 0.5, class_truth > 0.5, weights)
-        values = {
-            "accuracy": cm.accuracy,
-            "sensitivity": cm.sensitivity,
-            "specificity": cm.specificity,
-            "dice": cm.dice,
-            "ppv": cm.ppv,
-            "npv": cm.npv,
+        values = {key: getattr(cm, key) for key in ("accuracy", "sensitivity", "specificity", "dice", "ppv", "npv")}
+        values |= {
             "auc": roc_auc(class_truth, class_scores, weights),
             "auc_sens_80": auc_above_sensitivity(class_truth, class_scores, weights, 0.8),
             "ap": average_precision(class_truth, class_scores, weights),
@@ -614,7 +508,8 @@ def classification_scores(
             scores[f"{metric}/{name}"] = float(value)
             per_metric[metric].append(float(value))
     for metric, values in per_metric.items():
-        scores[f"macro/{metric}"] = _nanmean(values)
+        finite = [value for value in values if not math.isnan(value)]
+        scores[f"macro/{metric}"] = float(np.mean(finite)) if finite else math.nan
     return scores
 
 
@@ -622,16 +517,13 @@ def read_classification_truth_csv(path: str | Path) -> tuple[list[str], np.ndarr
     """Read an ISIC Task 3 ground-truth CSV (``image,MEL,NV,...`` one-hot, optional ``score_weight``).
 
     Returns:
-        ``(image ids, one-hot truth (N,K), score weights (N,), class names)``. As the official
-        reader, a missing ``score_weight`` column means 1 and ``ISIC_0035068`` gets weight 0.
+        ``(image ids, one-hot truth (N,K), score weights (N,), class names)``; as the official reader, a
+        missing ``score_weight`` column means 1 and ``ISIC_0035068`` gets weight 0.
 
     Raises:
         DataError: if the file is unreadable, has no ``image`` column, or duplicate images.
     """
-    table = _read_csv(path)
-    ids = table["image"].astype(str).tolist()
-    if len(set(ids)) != len(ids):
-        raise DataError(path, "duplicate image rows")
+    table, ids = _read_csv(path)
     weights = table["score_weight"].to_numpy(np.float64) if "score_weight" in table else np.ones(len(table))
     weights = np.where(np.isin(ids, list(ZERO_WEIGHT_IMAGES)), 0.0, weights)
     class_names = tuple(c for c in table.columns if c not in ("image", "score_weight", "validation_weight"))
@@ -643,22 +535,15 @@ def read_classification_truth_csv(path: str | Path) -> tuple[list[str], np.ndarr
 
 
 def read_classification_csv(path: str | Path, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """Read an ISIC Task 3 prediction CSV (``image,MEL,NV,...`` probabilities) with the official checks.
+    """``(image ids, probabilities (N,K))`` of an ISIC Task 3 prediction CSV, checked as the official scorer does.
 
     Image names lose a trailing ``.jpg``; columns are returned in ``class_names`` order.
 
-    Returns:
-        ``(image ids, probabilities (N,K))``.
-
     Raises:
-        DataError: on a missing ``image`` column, duplicate images, missing or extra class columns,
-            missing or non-numeric values, or values outside [0, 1].
+        DataError: on a missing ``image`` column, duplicate images, missing or extra class columns, missing
+            or non-numeric values, or values outside [0, 1].
     """
-    table = _read_csv(path)
-    ids = table["image"].astype(str).str.replace(r"\.jpg$", "", case=False, regex=True).tolist()
-    duplicates = sorted(image for image, count in Counter(ids).items() if count > 1)
-    if duplicates:
-        raise DataError(path, f"duplicate image rows: {duplicates}")
+    table, ids = _read_csv(path, strip_jpg=True)
     columns = [c for c in table.columns if c != "image"]
     missing = [c for c in class_names if c not in columns]
     extra = [c for c in columns if c not in class_names]
@@ -677,14 +562,20 @@ def read_classification_csv(path: str | Path, class_names: Sequence[str]) -> tup
     return ids, probabilities
 
 
-def _read_csv(path: str | Path) -> pd.DataFrame:
+def _read_csv(path: str | Path, strip_jpg: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """The table and its ``image`` column, checked for duplicates (a trailing ``.jpg`` stripped when asked)."""
     try:
         table = pd.read_csv(path, header=0, index_col=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(path, f"cannot read CSV ({error})") from error
     if "image" not in table.columns:
         raise DataError(path, "missing column 'image'")
-    return table
+    images = table["image"].astype(str)
+    ids = (images.str.replace(r"\.jpg$", "", case=False, regex=True) if strip_jpg else images).tolist()
+    duplicates = sorted(image for image, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise DataError(path, f"duplicate image rows: {duplicates}")
+    return table, ids
 
 
 def score_classification_csvs(pred_csv: str | Path, truth_csv: str | Path) -> dict[str, float]:
@@ -708,9 +599,7 @@ def score_classification_csvs(pred_csv: str | Path, truth_csv: str | Path) -> di
     return scores
 
 
-# ---------------------------------------------------------------------------------------------
-# One report for both tasks
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------- One report for both tasks
 
 
 def isic_scores(
@@ -722,16 +611,9 @@ def isic_scores(
 ) -> dict[str, float | int | None]:
     """Score a submission for Task 1 and/or Task 3 into one flat, JSON-able dict.
 
-    Args:
-        pred_mask_dir: folder of predicted ``ISIC_xxxxxxx_segmentation.png`` masks.
-        truth_mask_dir: folder of ground-truth masks (given together with ``pred_mask_dir``).
-        pred_csv: Task 3 prediction CSV.
-        truth_csv: Task 3 ground-truth CSV (given together with ``pred_csv``).
-
-    Returns:
-        ``task1/{metric}`` (see :func:`score_segmentation_folders`) and ``task3/{key}`` (see
-        :func:`score_classification_csvs`); NaN values become ``None`` so that ``json.dumps``
-        writes standard JSON.
+    Mask folders (:func:`score_segmentation_folders`) give ``task1/{metric}``, CSVs
+    (:func:`score_classification_csvs`) ``task3/{key}``; each prediction comes with its truth. NaN values
+    become ``None`` so that ``json.dumps`` writes standard JSON.
 
     Raises:
         ValueError: if a prediction is given without its truth (or vice versa), or nothing is given.

@@ -1,8 +1,7 @@
 """torchmetrics collections logged during training, validation and test.
 
-These work at the training resolution and are correct under DDP (every state is a sum that
-torchmetrics all-reduces). The ISIC challenge's own numbers at the original image resolution
-come from :mod:`skinfusion.evaluation.isic`.
+These work at the training resolution and are correct under DDP (every state is a sum that torchmetrics
+all-reduces); the ISIC numbers at the original resolution come from :mod:`skinfusion.evaluation.isic`.
 """
 
 from __future__ import annotations
@@ -29,12 +28,9 @@ IGNORE_INDEX = -1
 class SegmentationScores(Metric):
     """Per-image Dice, Jaccard and thresholded Jaccard, averaged over images.
 
-    As in the ISIC 2018 Task 1 scorer, an image whose predicted and true masks are both empty
-    scores 1, and a Jaccard below ``jaccard_threshold`` counts 0 in the thresholded mean.
-
-    Args:
-        threshold: probability above which a pixel is lesion.
-        jaccard_threshold: the ISIC threshold (0.65).
+    As in the ISIC 2018 Task 1 scorer, an image whose predicted and true masks are both empty scores 1, and a
+    Jaccard below ``jaccard_threshold`` counts 0 in the thresholded mean. ``threshold``: the probability above
+    which a pixel is lesion.
 
     Shape:
         update(mask_logits (N,1,H,W), target (N,1,H,W) in {0,1}); compute() -> dict of scalars.
@@ -109,8 +105,8 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 def flatten_metrics(values: dict[str, Tensor], class_names: Sequence[str], prefix: str) -> dict[str, Tensor]:
     """Turn a computed collection into loggable scalars named ``{prefix}/{name}``.
 
-    Per-class vectors become ``{prefix}/{name}/{class}``; the confusion matrix and other
-    non-scalar values are left out (they are logged as images/tables by callbacks).
+    Per-class vectors become ``{prefix}/{name}/{class}``; the confusion matrix and other non-scalar values
+    are left out (callbacks log them as images/tables).
     """
     flat: dict[str, Tensor] = {}
     for name, value in values.items():

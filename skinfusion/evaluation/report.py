@@ -3,10 +3,8 @@
 :func:`evaluate` scores predictions against the truth that a set of records carries and writes::
 
     out_dir/
-      metrics.json                 task1/* (Task 1 means) and task3/* (balanced accuracy, per-class
-                                   and macro metrics), computed by skinfusion.evaluation.isic exactly
-                                   as the official isic-challenge-scoring package, plus the
-                                   confusion matrix
+      metrics.json                 task1/* (Task 1 means) and task3/* (balanced accuracy, per-class and macro
+                                   metrics) by skinfusion.evaluation.isic, plus the confusion matrix
       per_class.md                 a markdown table with one row per class
       per_image_segmentation.csv   Task 1 metrics of every image with a mask
       confusion_matrix.png         rows: truth, columns: prediction (counts; colour = row fraction)
@@ -14,9 +12,8 @@
       worst_segmentations/         the N lowest-Jaccard images: truth contour green, prediction magenta
       predictions/                 (when a Predictor is given) the masks and CSV that were scored
 
-Records with a mask are scored for Task 1 (at the mask's own, original resolution), records with a
-label for Task 3; a record may have both or one. Task 3 parts are left out when no record has a
-label, Task 1 parts when none has a mask.
+Records with a mask are scored for Task 1 (at the mask's own, original resolution), records with a label for
+Task 3; the parts of a task that no record has truth for are left out.
 """
 
 from __future__ import annotations
@@ -40,11 +37,13 @@ from skinfusion.errors import DataError
 from skinfusion.evaluation.isic import (
     SEGMENTATION_METRICS,
     classification_scores,
+    mean_scores,
     read_classification_csv,
     read_segmentation_mask,
     roc_curve,
     segmentation_image_scores,
 )
+from skinfusion.evaluation.study import confusion_matrix, md_row, per_class_table
 from skinfusion.inference.inputs import collect_records
 from skinfusion.inference.overlay import render_overlay
 from skinfusion.inference.predictor import Predictor, add_predictor_arguments, predictor_from_args
@@ -94,20 +93,18 @@ def _prediction_files(predictions: str | Path) -> tuple[Path | None, Path | None
 def score_predictions(
     records: Sequence[Record], masks_dir: str | Path | None, csv_path: str | Path | None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
-    """Score predicted masks and a Task 3 CSV against the truth of ``records``.
+    """Score predicted masks and a Task 3 CSV against the truth of ``records`` (with a ``mask`` and/or ``label``).
 
     Args:
-        records: records with a ``mask`` and/or a ``label``.
         masks_dir: folder of ``<id>_segmentation.png`` predictions (needed when a record has a mask).
-        csv_path: Task 3 CSV ``image,<class>...`` (needed when a record has a label); its class
-            columns are the classes scored.
+        csv_path: Task 3 CSV ``image,<class>...`` (needed when a record has a label); its class columns are
+            the classes scored.
 
     Returns:
-        ``(metrics, per-image Task 1 rows, classification data)``: ``metrics`` is flat
-        (``task1/<metric>``, ``task1/num_images``, ``task3/balanced_accuracy``,
-        ``task3/<metric>/<class>``, ``task3/macro/<metric>``, ``task3/num_images``); each per-image row
-        is ``{"id", "image", "mask", <metric>...}``; the classification data is ``{"class_names",
-        "truth" (N,), "probabilities" (N,K)}`` or ``None``.
+        ``(metrics, per-image Task 1 rows, classification data)``: ``metrics`` is flat (``task1/<metric>``,
+        ``task1/num_images``, ``task3/<key>`` of :func:`~skinfusion.evaluation.isic.classification_scores`,
+        ``task3/num_images``); a per-image row is ``{"id", "image", "mask", <metric>...}``; the classification
+        data is ``{"class_names", "truth" (N,), "probabilities" (N,K)}`` or ``None``.
 
     Raises:
         DataError: a missing prediction, a predicted mask whose size differs from the truth, or a
@@ -128,9 +125,7 @@ def score_predictions(
             truth = read_mask(record.mask).astype(bool)
             scores = segmentation_image_scores(read_segmentation_mask(pred_path), truth, image_id=record.id)
             rows.append({"id": record.id, "image": str(record.image), "mask": str(pred_path), **scores})
-        for name in SEGMENTATION_METRICS:  # the official "macro average": every image weighs the same
-            metrics[f"task1/{name}"] = float(np.mean([row[name] for row in rows]))
-        metrics["task1/num_images"] = len(rows)
+        metrics.update({f"task1/{k}": v for k, v in mean_scores(rows).items()})
 
     labelled = [r for r in records if r.label]
     classification = None
@@ -159,14 +154,6 @@ def score_predictions(
     return metrics, rows, classification
 
 
-def confusion_matrix(truth: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """(K,K) counts: rows are true classes, columns the arg-max predictions."""
-    k = probabilities.shape[1]
-    matrix = np.zeros((k, k), dtype=np.int64)
-    np.add.at(matrix, (truth, probabilities.argmax(axis=1)), 1)
-    return matrix
-
-
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -181,7 +168,7 @@ def _per_class_markdown(metrics: dict[str, Any], classification: dict[str, Any] 
             "",
             "| metric | mean |",
             "| --- | --- |",
-            *(f"| {name} | {_fmt(metrics[f'task1/{name}'])} |" for name in SEGMENTATION_METRICS),
+            *(md_row(name, _fmt(metrics[f"task1/{name}"])) for name in SEGMENTATION_METRICS),
             "",
             "`threshold_jaccard` (Jaccard, 0 below 0.65) is the ISIC 2018 Task 1 ranking metric.",
             "",
@@ -200,25 +187,21 @@ def _per_class_markdown(metrics: dict[str, Any], classification: dict[str, Any] 
             "| class | support | recall | precision | F1 | accuracy (one-vs-rest) |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
             *(
-                f"| {name} | {int(support[index])} | "
-                + " | ".join(_fmt(metrics.get(f"task3/argmax/{key}/{name}")) for key in _ARGMAX_COLUMNS)
-                + " |"
-                for index, name in enumerate(names)
+                md_row(name, support[i], *[_fmt(metrics.get(f"task3/argmax/{key}/{name}")) for key in _ARGMAX_COLUMNS])
+                for i, name in enumerate(names)
             ),
             "",
             "Each image counts for its most probable class; n/a: the class is absent from the truth.",
             "",
             "### Thresholded one-vs-rest (the official scorer's per-class metrics)",
             "",
-            "| class | support | " + " | ".join(title for _, title in _PER_CLASS_COLUMNS) + " |",
-            "| --- | ---: | " + " | ".join("---:" for _ in _PER_CLASS_COLUMNS) + " |",
-        ]
-        for index, name in enumerate(names):
-            cells = [_fmt(metrics.get(f"task3/{key}/{name}")) for key, _ in _PER_CLASS_COLUMNS]
-            lines.append(f"| {name} | {int(support[index])} | " + " | ".join(cells) + " |")
-        cells = [_fmt(metrics.get(f"task3/macro/{key}")) for key, _ in _PER_CLASS_COLUMNS]
-        lines += [
-            f"| macro | {int(support.sum())} | " + " | ".join(cells) + " |",
+            md_row("class", "support", *[title for _, title in _PER_CLASS_COLUMNS]),
+            md_row("---", *["---:"] * (1 + len(_PER_CLASS_COLUMNS))),
+            *(
+                md_row(name, support[i], *[_fmt(metrics.get(f"task3/{key}/{name}")) for key, _ in _PER_CLASS_COLUMNS])
+                for i, name in enumerate(names)
+            ),
+            md_row("macro", support.sum(), *[_fmt(metrics.get(f"task3/macro/{key}")) for key, _ in _PER_CLASS_COLUMNS]),
             "",
             "One-vs-rest, a probability > 0.5 counting as positive (the official scorer's rule), so a class "
             "can be the argmax without being positive here: these sensitivities are not the argmax recall above. "
@@ -324,20 +307,16 @@ def evaluate(
     """Score predictions against the truth and write an evaluation report folder (see the module docstring).
 
     Args:
-        predictions: a :class:`~skinfusion.inference.predictor.Predictor` (it predicts the truth's images and
-            writes them to ``out_dir/predictions``, which are then scored), or a prediction folder
-            written by :meth:`Predictor.write` (``masks/`` and/or ``predictions.csv``).
+        predictions: a :class:`~skinfusion.inference.predictor.Predictor` (it predicts the truth's images into
+            ``out_dir/predictions``, which are then scored), or a folder written by :meth:`Predictor.write`.
         truth: what :func:`~skinfusion.inference.inputs.collect_records` accepts: a manifest CSV (a prepared
-            manifest is read at the original resolution via ``orig_image``/``orig_mask``), an ISIC
-            2018 layout folder, or records.
-        out_dir: report folder (created; files are replaced atomically).
+            one is read at the original resolution), an ISIC 2018 layout folder, or records.
         worst: number of images in ``worst_segmentations/`` (0: none).
         subset: ISIC subset when a layout folder holds several.
-        split: keep only records whose ``meta["split"]`` is this (``train``/``val``/``test``).
-        explain: also measure whether the maps look at the lesion (needs a Predictor): ``attention`` (every
-            attention map) and/or ``gradcam``/``gradcam++``, against a uniform map
-            (:func:`~skinfusion.inference.explain.measure_lesion_focus`): ``explain.md``, ``explain/*.png``
-            and ``explain/<map>/{mass_inside,pointing_game}`` in ``metrics.json``.
+        split: keep only records whose ``meta["split"]`` is this.
+        explain: also measure whether the maps look at the lesion (needs a Predictor): ``attention`` and/or
+            ``gradcam``/``gradcam++``, against a uniform map: ``explain.md``, ``explain/*.png`` and
+            ``explain/<map>/{mass_inside,pointing_game}`` in ``metrics.json``.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -366,8 +345,6 @@ def evaluate(
     metrics, rows, classification = score_predictions(records, masks_dir, csv_path)
 
     if classification is not None:
-        from skinfusion.evaluation.study import per_class_table
-
         table = per_class_table(classification["truth"], classification["probabilities"], classification["class_names"])
         for name, row in table.items():
             metrics.update({f"task3/argmax/{key}/{name}": row[key] for key in _ARGMAX_COLUMNS})

@@ -1,24 +1,19 @@
 """``skinfusion study``: train variants x seeds under one budget, score them on a held-out split, compare.
 
-The question a study answers is the paper's ablation: does a switch (attention, fusion, a loss option) change
-the held-out metrics, and by more than chance? Each variant is a config file or a set of ``key=value``
-overrides on top of the shared base configs. Every (variant, seed) run
+Each variant is a config file or ``key=value`` overrides on top of the shared base configs. Every (variant, seed)
+run trains with ``skinfusion fit`` in its own process under the same budget (optimiser steps, or wall-clock with
+``max_time``) into ``OUT/runs/<variant>-seed<seed>/`` (W&B: one group per study), keeps the checkpoint that the
+configs' ``ModelCheckpoint`` picked (else ``last.ckpt``) and is scored on the held-out split at the original
+resolution by :func:`~skinfusion.evaluation.report.evaluate` (the official ISIC metrics).
 
-1. trains with ``skinfusion fit`` in its own process, under the same budget (optimiser steps by default,
-   wall-clock with ``max_time``), logging into ``OUT/runs/<variant>-seed<seed>/`` (W&B: one group per study);
-2. keeps the checkpoint that the configs' ``ModelCheckpoint`` picked by validation (else ``last.ckpt``);
-3. is scored on the held-out split at the original resolution with the official ISIC metrics
-   (:func:`~skinfusion.evaluation.report.evaluate`, the same code as ``skinfusion evaluate``).
-
-Seeds change ``seed_everything`` (initialisation, dropout); the split, data order and augmentation follow
-``data.seed`` and stay the same for every run, so the variants are compared on the same images. The summary
-(``study.md``, ``study.csv``, ``study.json``, ``study.png``) gives each variant's mean ± sd over seeds and each
-row's difference to the baseline (the first variant) and to the row above, with a 95% paired bootstrap
-interval over the test images (:func:`scipy.stats.bootstrap`; the statistic is the difference of the
-seed-averaged metrics, so the interval covers both image sampling and the seeds run).
+Seeds change ``seed_everything`` only: the split, data order and augmentation follow ``data.seed``, so the
+variants are compared on the same images. The summary (``study.md``, ``study.csv``, ``study.json``,
+``study.png``) gives each variant's mean ± sd over seeds and each row's difference to the baseline (the first
+variant) and to the row above, with a 95% paired bootstrap interval over the test images of the seed-averaged
+metric (so it covers both image sampling and the seeds run).
 
 A study is resumable: a finished run (``result.json``) is kept, an interrupted one continues from its
-``last.ckpt``; the configs are validated (``--print_config``) for every variant before any training starts.
+``last.ckpt``; every variant's config is validated (``--print_config``) before any training starts.
 """
 
 from __future__ import annotations
@@ -135,6 +130,13 @@ def parse_variant(spec: str) -> Variant:
 # ---------------------------------------------------------------------------------------------- metrics
 
 
+def confusion_matrix(truth: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """(K,K) counts: rows are true classes, columns the argmax predictions."""
+    k = probabilities.shape[1]
+    predicted = np.asarray(probabilities).argmax(1)
+    return np.bincount(np.asarray(truth, dtype=np.int64) * k + predicted, minlength=k * k).reshape(k, k)
+
+
 def classification_summary(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """Accuracy, macro precision / recall (= balanced accuracy) / F1 and macro one-vs-rest AUC of argmax predictions.
 
@@ -148,13 +150,11 @@ def classification_summary(truth: np.ndarray, probabilities: np.ndarray) -> dict
 
     truth = np.asarray(truth, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    k = probabilities.shape[1]
-    predicted = probabilities.argmax(1)
-    matrix = np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k).astype(np.float64)
+    matrix = confusion_matrix(truth, probabilities).astype(np.float64)
     support, predicted_count, hits = matrix.sum(1), matrix.sum(0), np.diag(matrix)
     present = support > 0
     recall = hits[present] / support[present]
-    precision = np.divide(hits, predicted_count, out=np.zeros(k), where=predicted_count > 0)[present]
+    precision = np.divide(hits, predicted_count, out=np.zeros(len(hits)), where=predicted_count > 0)[present]
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(recall), where=precision + recall > 0)
     aucs = []
     for c in np.flatnonzero(present):
@@ -175,23 +175,19 @@ def classification_summary(truth: np.ndarray, probabilities: np.ndarray) -> dict
 
 def per_class_table(truth: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict[str, dict]:
     """The paper's per-class table of argmax predictions: one-vs-rest accuracy, precision, recall and F1."""
-    truth = np.asarray(truth, dtype=np.int64)
-    predicted = np.asarray(probabilities).argmax(1)
+    matrix = confusion_matrix(truth, probabilities)
+    n = int(matrix.sum())
     table = {}
     for c, name in enumerate(class_names):
-        tp = float(((predicted == c) & (truth == c)).sum())
-        fp = float(((predicted == c) & (truth != c)).sum())
-        fn = float(((predicted != c) & (truth == c)).sum())
-        present = tp + fn > 0
+        tp, predicted, support = float(matrix[c, c]), float(matrix[:, c].sum()), float(matrix[c].sum())
+        fp, fn = predicted - tp, support - tp
         # As in the macro means: a present class never predicted has precision 0; an absent one, none.
-        precision = tp / (tp + fp) if tp + fp else (0.0 if present else math.nan)
-        recall = tp / (tp + fn) if present else math.nan
         table[name] = {
-            "support": int(tp + fn),
-            "accuracy": float(((predicted == c) == (truth == c)).mean()),
-            "precision": precision,
-            "recall": recall,
-            "f1": (2 * tp / (2 * tp + fp + fn)) if present else math.nan,
+            "support": int(support),
+            "accuracy": (n - fp - fn) / n,
+            "precision": tp / predicted if predicted else (0.0 if support else math.nan),
+            "recall": tp / support if support else math.nan,
+            "f1": 2 * tp / (2 * tp + fp + fn) if support else math.nan,
         }
     return table
 
@@ -236,21 +232,10 @@ def bootstrap_difference(
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def _fit_command(
-    base_configs: Sequence[str], variant: Variant, overrides: Sequence[str], seed: int, extra: Sequence[str] = ()
-) -> list[str]:
+def _fit_command(base_configs: Sequence[str], variant: Variant, overrides: Sequence[str], seed: int) -> list[str]:
     configs = [arg for config in base_configs for arg in ("--config", config)]
-    return [
-        sys.executable,
-        "-m",
-        "skinfusion",
-        "fit",
-        *configs,
-        *variant.arguments(),
-        *overrides,
-        f"--seed_everything={seed}",
-        *extra,
-    ]
+    command = [sys.executable, "-m", "skinfusion", "fit", *configs, *variant.arguments(), *overrides]
+    return [*command, f"--seed_everything={seed}"]
 
 
 def _resolved_configs(commands: dict[Variant, list[str]]) -> dict[str, dict[str, Any]]:
@@ -272,66 +257,63 @@ def _resolved_configs(commands: dict[Variant, list[str]]) -> dict[str, dict[str,
 
 
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+    return {"PYTHONUNBUFFERED": "1", **os.environ}
 
 
-def _run_loggers(config: dict[str, Any], run_dir: Path, study: str, run_name: str) -> list[dict[str, Any]]:
-    """The config's loggers, writing into ``run_dir`` (CSV: ``run_dir/metrics.csv``; W&B: group ``study``)."""
+def _loggers(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config's ``trainer.logger`` entries that name a class."""
     loggers = config.get("trainer", {}).get("logger") or []
     loggers = loggers if isinstance(loggers, list) else [loggers]
+    return [logger for logger in loggers if isinstance(logger, dict) and "class_path" in logger]
+
+
+def _run_loggers(config: dict[str, Any], run_dir: Path, study: str) -> list[dict[str, Any]]:
+    """The config's loggers, writing into ``run_dir`` (CSV: ``run_dir/metrics.csv``; W&B: group ``study``)."""
     out = []
-    for logger in loggers:
-        if not isinstance(logger, dict) or "class_path" not in logger:
-            continue
-        init = dict(logger.get("init_args") or {})
-        init["save_dir"] = str(run_dir)
+    for logger in _loggers(config):
+        init = {**(logger.get("init_args") or {}), "save_dir": str(run_dir)}
         if logger["class_path"].endswith(("CSVLogger", "TensorBoardLogger")):
             init.update(name="", version="")
         if logger["class_path"].endswith("WandbLogger"):
-            init.update(name=run_name, group=study, version=None, id=None)
+            init.update(name=run_dir.name, group=study, version=None, id=None)
         out.append({"class_path": logger["class_path"], "init_args": init})
-    if not out:
-        out = [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}}]
-    return out
+    return out or [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}}]
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    last = sorted(run_dir.rglob("last.ckpt"))
+    return last[-1] if last else None
 
 
 def _pick_checkpoint(run_dir: Path) -> Path:
+    """The newest ``best-*.ckpt`` (what ``ModelCheckpoint`` picked by validation), else ``last.ckpt``."""
     best = sorted(run_dir.rglob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if best:
-        return best[-1]
-    last = sorted(run_dir.rglob("last.ckpt"))
-    if not last:
+    checkpoint = best[-1] if best else _last_checkpoint(run_dir)
+    if checkpoint is None:
         raise StudyError("the run wrote no checkpoint", run_dir)
-    return last[-1]
+    return checkpoint
 
 
-def _steps_of(checkpoint: Path) -> int:
+def _steps_of(checkpoint: Path | None) -> int | None:
     from skinfusion.io import load_checkpoint
 
-    return int(load_checkpoint(checkpoint).get("global_step", 0))
-
-
-def _truth_records(data: dict[str, Any], split: str):
-    """The split's records with the run's label map applied, at the original resolution."""
-    from skinfusion.data.datamodule import SkinFusionDataModule
-    from skinfusion.inference.inputs import collect_records
-
-    datamodule = SkinFusionDataModule(**data)
-    datamodule.prepare_data()
-    records = datamodule.records(split)
-    if datamodule.manifest:
-        originals = {r.id: r for r in collect_records(datamodule.manifest)}
-        records = [dataclasses.replace(r, image=originals[r.id].image, mask=originals[r.id].mask) for r in records]
-    return [r for r in records if r.mask is not None or r.label is not None], list(datamodule.class_names)
+    return None if checkpoint is None else int(load_checkpoint(checkpoint).get("global_step", 0))
 
 
 def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: Path, device: str) -> dict[str, Any]:
+    """Score a checkpoint on the split's records, with the run's label map, at the original resolution."""
+    from skinfusion.data.datamodule import SkinFusionDataModule
     from skinfusion.evaluation.report import evaluate
+    from skinfusion.inference.inputs import collect_records
     from skinfusion.inference.predictor import Predictor
 
-    records, class_names = _truth_records(data, split)
+    datamodule = SkinFusionDataModule(**data)
+    datamodule.prepare_data()
+    records, class_names = datamodule.records(split), list(datamodule.class_names)
+    if datamodule.manifest:
+        originals = {r.id: r for r in collect_records(datamodule.manifest)}
+        records = [dataclasses.replace(r, image=originals[r.id].image, mask=originals[r.id].mask) for r in records]
+    records = [r for r in records if r.mask is not None or r.label is not None]
     predictor = Predictor(checkpoint, device=device, progress=False)
     if getattr(predictor.net, "decoder", None) is None:
         # No segmentation head (the paper's baseline and attention variants): diagnosis is all it is scored on.
@@ -341,9 +323,9 @@ def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: P
     seg_path = out_dir / "per_image_segmentation.csv"
     if seg_path.is_file():
         with open(seg_path, newline="") as f:
-            rows = {row["id"]: row for row in csv.DictReader(f)}
+            rows = list(csv.DictReader(f))
         for name in ("threshold_jaccard", "dice"):
-            per_image[name] = {i: float(rows[i][name]) for i in per_image["ids"] if i in rows}
+            per_image[name] = {row["id"]: float(row[name]) for row in rows}
     csv_path = out_dir / "predictions" / "predictions.csv"
     labelled = [r for r in records if r.label is not None]
     if labelled and csv_path.is_file():
@@ -387,19 +369,15 @@ def run_study(
 
     Args:
         out: the study's folder (``runs/`` and the summary files go here).
-        base_configs: configs every run starts from (``experiments/base.yaml`` ...).
         variants: :class:`Variant` s or specs for :func:`parse_variant`; the first is the baseline.
-        seeds: ``seed_everything`` values; every variant runs every seed.
-        split: the held-out split scored (``test``; ``val`` to tune without touching the test split).
-        max_steps: optimiser steps per run (the default budget when set: equal for every variant).
-        max_time: wall-clock limit per run (``DD:HH:MM:SS``); with ``max_steps`` both apply.
+        split: the held-out split scored (``val`` to tune without touching the test split).
+        max_steps: optimiser steps per run (validated 4 times where max_steps allows, always at the last step);
+            ``max_time``: wall-clock limit per run (``DD:HH:MM:SS``); both apply.
         overrides: LightningCLI arguments added to every run (``--data.manifest=...``).
         device: device of the evaluation.
         name: the study's name (W&B group); default: the folder's name.
-        n_resamples: bootstrap resamples.
         jobs: runs trained at the same time, each with ``cpu_count // jobs`` threads (on a CPU, 2 runs of 1
             thread each do more work per minute than 1 run of 2 threads); evaluations run one at a time.
-        progress: print which run of how many and the time left.
 
     Returns:
         The summary written to ``study.json``.
@@ -422,7 +400,10 @@ def run_study(
     for config in base_configs:
         if not Path(config).is_file():
             raise StudyError("base config not found", config)
-    budget = [*([f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1"] if max_steps else [])]
+    budget = [f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1"] if max_steps else []
+    if max_steps:  # validate on global steps that end on max_steps, else a run stopping mid-epoch skips its end
+        every = next((max_steps // n for n in (4, 5, 3, 6, 2) if max_steps % n == 0), max_steps)
+        budget += ["--trainer.check_val_every_n_epoch=null", f"--trainer.val_check_interval={every}"]
     budget += [f"--trainer.max_time={max_time}"] if max_time else []
     overrides = [*budget, *overrides]
     spec = {
@@ -435,14 +416,12 @@ def run_study(
     }
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
-    if spec_path.is_file():
-        previous = json.loads(spec_path.read_text())
-        if previous != json.loads(json.dumps(spec)):
-            raise StudyError(
-                "holds a different study (other configs, variants, seeds, split or overrides); rerun the same"
-                " command to resume it, or choose another --out",
-                out,
-            )
+    if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
+        raise StudyError(
+            "holds a different study (other configs, variants, seeds, split or overrides); rerun the same"
+            " command to resume it, or choose another --out",
+            out,
+        )
     # Every variant's config must parse before any run trains.
     resolved = _resolved_configs({v: _fit_command(base_configs, v, overrides, seeds[0]) for v in variants})
     _atomic_json(spec_path, spec)
@@ -465,7 +444,7 @@ def run_study(
                 eta = f", about {_format_seconds(np.mean(durations) * left / jobs)} left" if durations else ""
                 print(f"study {name}: run {number}/{len(runs)} ({variant.name}, seed {seed}){eta}", file=sys.stderr)
         run_started = time.monotonic()
-        _train(base_configs, variant, overrides, seed, run_dir, resolved[variant.name], name, threads)
+        _train(_fit_command(base_configs, variant, overrides, seed), run_dir, resolved[variant.name], name, threads)
         checkpoint = _pick_checkpoint(run_dir)
         with lock:  # one evaluation at a time, with all the threads
             evaluation = _evaluate_run(checkpoint, resolved[variant.name]["data"], split, run_dir / "eval", device)
@@ -474,7 +453,7 @@ def run_study(
             "seed": seed,
             "checkpoint": str(checkpoint.relative_to(out)),
             "checkpoint_step": _steps_of(checkpoint),
-            "steps": _steps_of(sorted(run_dir.rglob("last.ckpt"))[-1]) if any(run_dir.rglob("last.ckpt")) else None,
+            "steps": _steps_of(_last_checkpoint(run_dir)),
             "fit_seconds": float((run_dir / "fit_seconds").read_text()),
             **evaluation,
         }
@@ -485,34 +464,23 @@ def run_study(
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(one, *run) for run in todo]:
             future.result()  # the first failure stops the study (finished runs are kept)
-    done_now = len(durations)
-    if progress and done_now:
-        print(f"study {name}: {done_now} run(s) in {_format_seconds(time.monotonic() - started)}", file=sys.stderr)
+    if progress and durations:
+        print(
+            f"study {name}: {len(durations)} run(s) in {_format_seconds(time.monotonic() - started)}", file=sys.stderr
+        )
     summary = summarize_study(out, n_resamples=n_resamples)
     _log_to_wandb(summary, out, resolved[variants[0].name])
     return summary
 
 
-def _train(
-    base_configs: Sequence[str],
-    variant: Variant,
-    overrides: Sequence[str],
-    seed: int,
-    run_dir: Path,
-    config: dict[str, Any],
-    study: str,
-    threads: int | None = None,
-) -> None:
-    """Train one run into ``run_dir``; continue from its ``last.ckpt`` when an earlier attempt was interrupted."""
-    last = sorted(run_dir.rglob("last.ckpt"))
-    if not last and run_dir.exists():
+def _train(command: list[str], run_dir: Path, config: dict[str, Any], study: str, threads: int | None) -> None:
+    """Run the ``skinfusion fit`` command into ``run_dir``; continue from its ``last.ckpt`` when one is there."""
+    last = _last_checkpoint(run_dir)
+    if last is None and run_dir.exists():
         shutil.rmtree(run_dir)  # a run killed before its first checkpoint: nothing to keep
     run_dir.mkdir(parents=True, exist_ok=True)
-    loggers = _run_loggers(config, run_dir, study, run_dir.name)
-    extra = [f"--trainer.logger={json.dumps(loggers)}"]
-    if last:
-        extra.append(f"--ckpt_path={last[-1]}")
-    command = _fit_command(base_configs, variant, overrides, seed, extra)
+    command = [*command, f"--trainer.logger={json.dumps(_run_loggers(config, run_dir, study))}"]
+    command += [f"--ckpt_path={last}"] if last else []
     previous = float((run_dir / "fit_seconds").read_text()) if (run_dir / "fit_seconds").is_file() else 0.0
     started = time.monotonic()
     with open(run_dir / "fit.log", "a") as log_file:
@@ -557,28 +525,30 @@ def _arrays(results: dict, names: list[str], seeds: list[int]) -> dict[str, Any]
     segmenting = [n for n in names if "threshold_jaccard" in results[n, seeds[0]]["per_image"]]
     if segmenting:
         ids = sorted(results[segmenting[0], seeds[0]]["per_image"]["threshold_jaccard"])
+        missing = [math.nan] * len(ids)
         for key in ("threshold_jaccard", "dice"):
             arrays[key] = np.array(
                 [
-                    [[results[n, s]["per_image"][key][i] for i in ids] if n in segmenting else [math.nan] * len(ids)]
+                    [[results[n, s]["per_image"][key][i] for i in ids] if n in segmenting else missing for s in seeds]
                     for n in names
-                    for s in seeds
                 ]
-            ).reshape(len(names), len(seeds), len(ids))
+            )
     return arrays
 
 
-def _statistic(arrays: dict[str, Any], metric: str, variant: int) -> tuple[Callable[[np.ndarray], float], int]:
-    """The seed-averaged ``metric`` of a variant on a set of image indices, and the number of images."""
+def _per_seed(arrays: dict[str, Any], metric: str, variant: int, index: Any = slice(None)) -> np.ndarray:
+    """``metric`` of each seed of a variant, on the images ``index``."""
     if METRICS[metric][1] == "seg":
-        scores = arrays[metric][variant]  # (S, N)
-        return (lambda index: float(scores[:, index].mean())), scores.shape[1]
-    label, probabilities = arrays["label"], arrays["probabilities"][variant]  # (N,), (S, N, K)
+        return arrays[metric][variant][:, index].mean(axis=1)
+    label = arrays["label"][index]
+    return np.array([classification_summary(label, p[index])[metric] for p in arrays["probabilities"][variant]])
 
-    def statistic(index: np.ndarray) -> float:
-        return float(np.mean([classification_summary(label[index], p[index])[metric] for p in probabilities]))
 
-    return statistic, len(label)
+def _statistic(arrays: dict[str, Any], metric: str, variant: int) -> Callable[[np.ndarray], float]:
+    """The seed-averaged ``metric`` of a variant on a set of image indices (for the bootstrap)."""
+    if METRICS[metric][1] == "seg":
+        return lambda index: float(arrays[metric][variant][:, index].mean())
+    return lambda index: float(_per_seed(arrays, metric, variant, index).mean())
 
 
 def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
@@ -587,20 +557,15 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
     spec, names, seeds, results = _load_results(out)
     arrays = _arrays(results, names, seeds)
     metrics = [m for m, (_, kind) in METRICS.items() if (kind == "cls" and "label" in arrays) or m in arrays]
+    n_images = {m: arrays[m].shape[2] if METRICS[m][1] == "seg" else len(arrays["label"]) for m in metrics}
     rows = []
     for v, name in enumerate(names):
         row: dict[str, Any] = {"variant": name, "runs": len(seeds)}
         for metric in metrics:
-            statistic, n = _statistic(arrays, metric, v)
-            if METRICS[metric][1] == "seg":
-                per_seed = arrays[metric][v].mean(axis=1)
-            else:
-                per_seed = np.array(
-                    [classification_summary(arrays["label"], p)[metric] for p in arrays["probabilities"][v]]
-                )
+            per_seed = _per_seed(arrays, metric, v)
             row[metric] = float(per_seed.mean())
             row[f"{metric}_sd"] = float(per_seed.std(ddof=1)) if len(seeds) > 1 else math.nan
-            row[f"{metric}_n"] = n
+            row[f"{metric}_n"] = n_images[metric]
         row["steps"] = float(np.mean([results[name, s]["steps"] or results[name, s]["checkpoint_step"] for s in seeds]))
         row["fit_minutes"] = float(np.mean([results[name, s]["fit_seconds"] for s in seeds]) / 60)
         if "label" in arrays:
@@ -611,17 +576,15 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
         rows.append(row)
     comparisons = []
     for v in range(1, len(names)):
-        for reference, label in ((0, "baseline"), (v - 1, "row above")):
-            if label == "row above" and reference == 0:
-                continue
-            entry: dict[str, Any] = {"variant": names[v], "against": names[reference], "kind": label}
+        for reference, kind in [(0, "baseline")] + ([(v - 1, "row above")] if v > 1 else []):
+            entry: dict[str, Any] = {"variant": names[v], "against": names[reference], "kind": kind}
             for metric in metrics:
                 if METRICS[metric][1] == "seg" and np.isnan(arrays[metric][[v, reference]]).all(axis=(1, 2)).any():
                     entry[metric] = (math.nan, math.nan, math.nan)  # one of the two does not segment
                     continue
-                stat_a, n = _statistic(arrays, metric, v)
-                stat_b, _ = _statistic(arrays, metric, reference)
-                entry[metric] = bootstrap_difference(stat_a, stat_b, n, n_resamples=n_resamples)
+                entry[metric] = bootstrap_difference(
+                    _statistic(arrays, metric, v), _statistic(arrays, metric, reference), n_images[metric], n_resamples
+                )
             comparisons.append(entry)
     summary = {"spec": spec, "metrics": metrics, "rows": rows, "comparisons": comparisons}
     _atomic_json(out / "study.json", summary)
@@ -655,11 +618,16 @@ def _interval(value: tuple[float, float, float]) -> str:
     return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
 
 
+def md_row(*cells: Any) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def _markdown(summary: dict[str, Any]) -> str:
     spec, rows, metrics = summary["spec"], summary["rows"], summary["metrics"]
     seeds = spec["seeds"]
     n_cls = next((rows[0][f"{m}_n"] for m in metrics if METRICS[m][1] == "cls"), 0)
     n_seg = next((rows[0][f"{m}_n"] for m in metrics if METRICS[m][1] == "seg"), 0)
+    titles, right = [METRICS[m][0] for m in metrics], ["---:"] * len(metrics)
     lines = [
         f"# Study `{spec['name']}`",
         "",
@@ -668,26 +636,27 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"{n_seg} images with a mask (segmentation). Mean ± sd over seeds; — : not measured (a variant without"
         " the decoder has no segmentation output).",
         "",
-        "| variant | " + " | ".join(METRICS[m][0] for m in metrics) + " | steps | fit min |",
-        "| --- | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: |",
-    ]
-    for row in rows:
-        cells = [_pm(row[m], row[f"{m}_sd"]) for m in metrics]
-        lines.append(
-            f"| {row['variant']} | " + " | ".join(cells) + f" | {row['steps']:.0f} | {row['fit_minutes']:.1f} |"
-        )
-    lines += [
+        md_row("variant", *titles, "steps", "fit min"),
+        md_row("---", *right, "---:", "---:"),
+        *(
+            md_row(
+                r["variant"],
+                *[_pm(r[m], r[f"{m}_sd"]) for m in metrics],
+                f"{r['steps']:.0f}",
+                f"{r['fit_minutes']:.1f}",
+            )
+            for r in rows
+        ),
         "",
         "## Differences",
         "",
         "Each row minus its reference, with a 95% paired bootstrap interval over the test images (seed-averaged "
         "metric; `scipy.stats.bootstrap`, percentile). `*`: the interval excludes 0.",
         "",
-        "| variant | against | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
-        "| --- | --- | " + " | ".join("---:" for _ in metrics) + " |",
+        md_row("variant", "against", *titles),
+        md_row("---", "---", *right),
+        *(md_row(c["variant"], c["against"], *[_interval(c[m]) for m in metrics]) for c in summary["comparisons"]),
     ]
-    for c in summary["comparisons"]:
-        lines.append(f"| {c['variant']} | {c['against']} | " + " | ".join(_interval(c[m]) for m in metrics) + " |")
     if "per_class" in rows[0]:
         lines += ["", "## Per class (argmax predictions, mean over seeds)", ""]
         for row in rows:
@@ -699,9 +668,9 @@ def _markdown(summary: dict[str, Any]) -> str:
             ]
             for c, t in row["per_class"].items():
                 cells = [
-                    f"{t[k]:.3f}" if not math.isnan(t[k]) else "n/a" for k in ("accuracy", "precision", "recall", "f1")
+                    "n/a" if math.isnan(t[k]) else f"{t[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1")
                 ]
-                lines.append(f"| {c} | {t['support']:.0f} | " + " | ".join(cells) + " |")
+                lines.append(md_row(c, f"{t['support']:.0f}", *cells))
             lines.append("")
     lines += [
         "",
@@ -714,12 +683,11 @@ def _markdown(summary: dict[str, Any]) -> str:
 def _plot(path: Path, comparisons: list[dict], metrics: list[str]) -> None:
     from matplotlib.figure import Figure
 
-    against_baseline = comparisons  # to the baseline, and to the row above
-    figure = Figure(figsize=(3.0 * len(metrics), 0.6 + 0.45 * max(len(against_baseline), 1)))
+    figure = Figure(figsize=(3.0 * len(metrics), 0.6 + 0.45 * max(len(comparisons), 1)))
     axes = figure.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
-    labels = [f"{c['variant']} − {c['against']}" for c in against_baseline]
+    labels = [f"{c['variant']} − {c['against']}" for c in comparisons]
     for ax, metric in zip(axes, metrics, strict=True):
-        for y, c in enumerate(against_baseline):
+        for y, c in enumerate(comparisons):
             estimate, low, high = c[metric]
             if math.isnan(estimate):
                 continue  # not measured for one of the two
@@ -736,14 +704,8 @@ def _plot(path: Path, comparisons: list[dict], metrics: list[str]) -> None:
 
 def _log_to_wandb(summary: dict[str, Any], out: Path, config: dict[str, Any]) -> None:
     """Log the study table and plot once, as one run of the study's W&B group (offline without a server)."""
-    loggers = config.get("trainer", {}).get("logger") or []
     wandb_config = next(
-        (
-            lg.get("init_args", {})
-            for lg in (loggers if isinstance(loggers, list) else [loggers])
-            if isinstance(lg, dict) and lg.get("class_path", "").endswith("WandbLogger")
-        ),
-        None,
+        (lg.get("init_args") or {} for lg in _loggers(config) if lg["class_path"].endswith("WandbLogger")), None
     )
     if wandb_config is None or os.environ.get("WANDB_MODE") == "disabled":
         return
@@ -817,20 +779,8 @@ def study_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    args = build_parser().parse_args(argv)
-    summary = run_study(
-        args.out,
-        args.config,
-        args.variant,
-        seeds=args.seeds,
-        split=args.split,
-        max_steps=args.max_steps,
-        max_time=args.max_time,
-        overrides=overrides,
-        device=args.device,
-        name=args.name,
-        n_resamples=args.resamples,
-        jobs=args.jobs,
-    )
-    print((args.out / "study.md").read_text())
+    args = vars(build_parser().parse_args(argv))
+    out, configs, variants = args.pop("out"), args.pop("config"), args.pop("variant")
+    summary = run_study(out, configs, variants, overrides=overrides, n_resamples=args.pop("resamples"), **args)
+    print((out / "study.md").read_text())
     return summary
