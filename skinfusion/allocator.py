@@ -4,13 +4,12 @@ With glibc's default ``malloc``, a CPU training step or inference batch hands mo
 back to the kernel when it ends (blocks above the adaptive *mmap threshold*, at most 32 MiB, are unmapped;
 free memory above the *trim threshold* at the top of the heap is released), and the next step faults the same
 amount back in as fresh pages. :func:`tune_malloc` raises both thresholds with ``mallopt(3)``: the page faults
-go, the results stay bit-identical, and the process keeps its peak memory instead of shrinking after it. The
-README's Benchmarks section has the measurements (``benchmarks/bench_allocator.py``).
+go, the results stay bit-identical, and the process keeps its peak memory instead of shrinking after it.
 
-The ``skinfusion`` command tunes its process for every command (``prepare`` also its decoding processes); a
-Python program calls :func:`tune_malloc` itself. Nothing happens off glibc, or where the environment configures
-the allocator (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``GLIBC_TUNABLES``,
-a preloaded jemalloc, tcmalloc or mimalloc): ``MALLOC_TRIM_THRESHOLD_=131072`` keeps glibc's defaults.
+The ``skinfusion`` command tunes its process for every command; a Python program calls :func:`tune_malloc`
+itself. Nothing happens off glibc, or where the environment configures the allocator (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``GLIBC_TUNABLES``, a preloaded jemalloc, tcmalloc or mimalloc):
+``MALLOC_TRIM_THRESHOLD_=131072`` keeps glibc's defaults.
 """
 
 from __future__ import annotations

@@ -67,10 +67,9 @@ commands:
 class SkinFusionCLI(LightningCLI):
     """LightningCLI with the data-to-model links skinfusion needs; every run checkpoints atomically and safely.
 
-    Through LightningCLI's ``trainer_defaults``, every run writes and loads checkpoints with
-    :class:`~skinfusion.training.checkpointing.AtomicCheckpointIO` (unless the config names its own plugins) and
-    stores the random states in them (:class:`~skinfusion.training.checkpointing.RNGStateCheckpoint`: exact
-    resume). ``predict`` is not a LightningCLI subcommand here: ``skinfusion predict`` is the file predictor.
+    Its ``trainer_defaults`` give every run :class:`~skinfusion.training.checkpointing.AtomicCheckpointIO` (unless
+    the config names its own plugins) and :class:`~skinfusion.training.checkpointing.RNGStateCheckpoint`.
+    ``predict`` is not a LightningCLI subcommand here: ``skinfusion predict`` is the file predictor.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -97,10 +96,10 @@ class SkinFusionCLI(LightningCLI):
             super().instantiate_classes()
 
     def _parse_ckpt_path(self) -> None:
-        # Private, and kept: there is no public hook for how LightningCLI reads --ckpt_path's hyperparameters, and
-        # its own version unpickles the file with torch.load (PyTorch's traceback for a refused file) and copies
-        # every hyperparameter into the model config, the inference record and loss config included (which the
-        # parser then rejects). Read it safely (a clear WeightsError) and copy only what a checkpoint restores.
+        # Private, and kept: no public hook replaces how LightningCLI reads --ckpt_path's hyperparameters (its
+        # __init__ calls this right after parse_arguments). Its own version torch.loads the file (PyTorch's
+        # traceback for a refused file) and copies every hyperparameter into the model config, the inference
+        # record and loss config included, which the parser rejects. Read it safely and copy what is restored.
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")

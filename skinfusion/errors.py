@@ -1,8 +1,6 @@
-"""Exceptions raised by skinfusion.
+"""Exceptions raised by skinfusion: the command line reports these (and only these) as one line with what to do.
 
-Every error about user input names the offending file and the reason, so that a bad file is
-found at ``prepare``/``setup`` time rather than hours into training. The command line reports
-these errors (and only these) as one line with what to do, and exits with status 2.
+Every error about user input names the offending file and the reason.
 """
 
 from __future__ import annotations
@@ -22,12 +20,7 @@ class SkinFusionError(Exception):
 
 
 class DataError(SkinFusionError, ValueError):
-    """A data file (image, mask, CSV, manifest) is missing, unreadable or inconsistent.
-
-    Args:
-        path: the file the problem is about (``None`` when it is about no single file).
-        reason: a short human-readable reason, e.g. ``"mask is 512x384 but image is 512x512"``.
-    """
+    """A data file (image, mask, CSV, manifest; ``path``, or ``None``) is missing, unreadable or inconsistent."""
 
     hint = "fix or remove the file; `skinfusion prepare` checks a whole data set and lists every problem"
 

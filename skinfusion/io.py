@@ -1,12 +1,12 @@
 """Weights and checkpoints: safe loading, one atomic writer, and the settings that travel with the model.
 
-Nothing here unpickles arbitrary objects: ``.safetensors`` files are read with safetensors,
-everything else with ``torch.load(weights_only=True)``, which refuses any pickle that would
-build an object other than tensors and plain containers.
+Nothing here unpickles arbitrary objects: ``.safetensors`` files are read with safetensors, everything else
+with ``torch.load(weights_only=True)``, which refuses to build objects other than tensors and plain containers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -37,9 +37,6 @@ __all__ = [
 @dataclass(frozen=True)
 class InferenceSettings:
     """What predict, evaluate and export need besides the weights; every checkpoint and export carries it.
-
-    A :class:`~skinfusion.training.module.SkinFusionModule` keeps it in its hyperparameters (``inference``; the
-    input settings are the DataModule's, read when training starts); exports keep it as metadata.
 
     Attributes:
         net_config: the :class:`~skinfusion.nn.SkinFusionNet` arguments that rebuild the network.
@@ -88,8 +85,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a ``.ckpt``/``.pt``/``.pth`` file without running code it may contain.
 
     Raises:
-        WeightsError: the file is missing, not a torch file, or holds objects other than tensors
-            and plain containers (a pickle that would execute code is refused here).
+        WeightsError: the file is missing, not a torch file, or holds objects other than tensors and plain
+            containers.
     """
     import torch
 
@@ -111,9 +108,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a state dict from a ``.safetensors`` file, a plain state dict, or a Lightning checkpoint.
-
-    A Lightning checkpoint's ``state_dict`` entry is returned as is (keys keep their prefixes).
+    """Read a state dict from a ``.safetensors`` file, a plain state dict, or a checkpoint (keys keep their prefixes).
 
     Raises:
         WeightsError: the file cannot be read safely or holds no state dict.
@@ -143,29 +138,21 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def _fsync(path: str | Path) -> None:
     """Flush a file, or a rename in a folder, to disk (no-op where folders cannot be opened, e.g. Windows)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager
 def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path``.
+    """A temporary path beside ``path`` (its folder is created) that replaces ``path`` when the block succeeds.
 
-    A crash leaves either the previous file or the new one, never a truncated one. The new file gets the
-    mode a plain ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s owner-only ``0o600``,
-    so colleagues and serving processes can read what they could read before.
-
-    Args:
-        path: the file to (re)place; its folder is created.
-        fsync: flush the file and the rename to disk (checkpoints, submission CSVs).
+    A crash leaves either the previous file or the new one, never a truncated one. The new file gets the mode
+    a plain ``open()`` would give it, not ``mkstemp``'s owner-only ``0o600``. ``fsync``: flush the file and the
+    rename to disk.
 
     Example:
         >>> with atomic_path("model.onnx") as tmp:

@@ -11,17 +11,7 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Classes by short lowercase name.
-
-    Args:
-        kind: what the registry holds, for messages (``"attention"``, ``"fusion"``, ``"reader"``).
-
-    Example:
-        >>> FUSION = Registry("fusion")
-        >>> @FUSION.register("none")
-        ... class NoFusion(Fusion): ...
-        >>> FUSION.get("none")
-    """
+    """Classes by short lowercase name; ``kind`` says what it holds, for messages (``"attention"``, ``"fusion"``)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

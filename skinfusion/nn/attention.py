@@ -1,22 +1,17 @@
 """Attention modules chosen by name: CBAM and its parts, and scSE.
 
-* CBAM: Woo, Park, Lee, Kweon, "CBAM: Convolutional Block Attention Module", ECCV 2018
-  (https://arxiv.org/abs/1807.06521). Channel attention ``M_c = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F)))``
-  with a shared MLP, then spatial attention ``M_s = sigmoid(conv7x7([mean_c(F); max_c(F)]))``, applied in that order.
-* scSE: Roy, Navab, Wachinger, "Concurrent Spatial and Channel Squeeze & Excitation in Fully Convolutional
-  Networks", MICCAI 2018 (https://arxiv.org/abs/1803.02579).
+* CBAM: Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018 (https://arxiv.org/abs/1807.06521):
+  ``M_c = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F)))``, then ``M_s = sigmoid(conv7x7([mean_c(F); max_c(F)]))``.
+* scSE: Roy et al., "Concurrent Spatial and Channel Squeeze & Excitation in Fully Convolutional Networks",
+  MICCAI 2018 (https://arxiv.org/abs/1803.02579).
 
-Every module takes the channel count as its first positional argument and timm's argument names
-(``rd_ratio``, ``rd_divisor``, ``rd_channels``, ``spatial_kernel_size``, ``act_layer``, ``gate_layer``), and
-accepts ``device``/``dtype`` as timm's blocks pass them, so a registry class (or a ``functools.partial`` of it)
-can be given to a timm ResNet as ``block_args=dict(attn_layer=...)``.
+Every module takes the channel count first, timm's argument names (``rd_ratio``, ``rd_divisor``,
+``rd_channels``, ``spatial_kernel_size``, ``act_layer``, ``gate_layer``) and ``device``/``dtype``, so a
+registry class (or a ``functools.partial`` of it) can be a timm ResNet's ``block_args=dict(attn_layer=...)``.
 
-Modules that compute a spatial map (``has_spatial_map = True``) expose it two ways:
-
-* ``forward_with_map(x) -> (y, map)`` returns it directly (used by the network for attention it applies
-  itself, so no Python-side state is involved and tracing/ONNX export see a pure function);
-* ``forward(x)`` also keeps the map in ``last_map`` (B,1,h,w), because inside a timm block only the gated
-  features can be returned. The network reads and clears it after each forward (``pop_map``).
+A module with a spatial map (``has_spatial_map = True``) returns it from ``forward_with_map(x) -> (y, map)``
+(a pure function, for tracing and export); ``forward(x)`` also keeps it in ``last_map`` (B,1,h,w), because
+inside a timm block only the gated features can be returned; the network reads and clears it (``pop_map``).
 """
 
 from __future__ import annotations
@@ -78,12 +73,7 @@ def check_attention_kwargs(name: str | None, kwargs: dict[str, Any] | None) -> N
 
 
 def create_attention(name: str | None, channels: int, **kwargs: Any) -> nn.Module:
-    """Build the attention module ``name`` for ``channels`` channels.
-
-    Args:
-        name: a registry name (see :func:`list_attention`); falsy or ``"none"`` gives ``nn.Identity()``.
-        channels: input (= output) channels.
-        **kwargs: passed to the module (``rd_ratio``, ``spatial_kernel_size``, ...).
+    """Build the attention module ``name`` (falsy or ``"none"``: ``nn.Identity()``) for ``channels`` channels.
 
     Raises:
         ValueError: unknown name, or an argument the module does not take.
@@ -96,6 +86,11 @@ def create_attention(name: str | None, channels: int, **kwargs: Any) -> nn.Modul
 
 
 register_attention("none")(nn.Identity)
+
+
+def _rd_channels(channels: int, rd_ratio: float, rd_channels: int | None, rd_divisor: int) -> int:
+    """Hidden width of a channel MLP: ``rd_channels``, else ``channels * rd_ratio`` rounded to ``rd_divisor``."""
+    return rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
 
 
 class AttentionModule(nn.Module):
@@ -128,16 +123,11 @@ class ChannelAttention(AttentionModule):
     """CBAM channel attention: a shared MLP on average- and max-pooled features, summed, then gated.
 
     Args:
-        channels: input channels.
         rd_ratio: hidden width of the MLP as a fraction of ``channels`` (CBAM's reduction ``r = 16``).
         rd_channels: hidden width, overriding ``rd_ratio``.
         rd_divisor: round the hidden width to a multiple of this.
-        act_layer: activation of the MLP (name or class).
-        gate_layer: gate (name or class), ``"sigmoid"`` in CBAM.
+        act_layer, gate_layer: activation of the MLP and gate (names or classes).
         mlp_bias: biases in the MLP.
-
-    Shape:
-        x (B,C,H,W) -> (B,C,H,W)
     """
 
     def __init__(
@@ -154,8 +144,7 @@ class ChannelAttention(AttentionModule):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if not rd_channels:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        rd_channels = _rd_channels(channels, rd_ratio, rd_channels, rd_divisor)
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
         self.act = create_act_layer(act_layer, inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
@@ -173,18 +162,10 @@ class ChannelAttention(AttentionModule):
 
 @register_attention("spatial")
 class SpatialAttention(AttentionModule):
-    """CBAM spatial attention: ``sigmoid(conv_kxk([mean over channels; max over channels]))``.
+    """CBAM spatial attention: ``gate(conv_kxk([mean over channels; max over channels]))``, map (B,1,H,W).
 
     The convolution has a bias and no normalisation, as in the paper's equation (timm's variant adds a
-    BatchNorm); ``channels`` is taken for a uniform registry signature and not otherwise used.
-
-    Args:
-        channels: input channels.
-        spatial_kernel_size: size of the square convolution (7 in CBAM).
-        gate_layer: gate (name or class).
-
-    Shape:
-        x (B,C,H,W) -> (B,C,H,W); map (B,1,H,W) in [0,1] for a sigmoid gate.
+    BatchNorm); ``channels`` is only taken for a uniform registry signature. ``spatial_kernel_size``: odd, 7 in CBAM.
     """
 
     has_spatial_map = True
@@ -217,16 +198,9 @@ class SpatialAttention(AttentionModule):
 
 @register_attention("cbam")
 class CBAM(AttentionModule):
-    """Convolutional Block Attention Module: channel attention, then spatial attention (Woo et al., 2018).
+    """Convolutional Block Attention Module: :class:`ChannelAttention`, then :class:`SpatialAttention`.
 
-    Args:
-        channels: input channels.
-        rd_ratio, rd_channels, rd_divisor, act_layer, mlp_bias: see :class:`ChannelAttention`.
-        spatial_kernel_size: see :class:`SpatialAttention`.
-        gate_layer: gate of both parts.
-
-    Shape:
-        x (B,C,H,W) -> (B,C,H,W); map (B,1,H,W).
+    The arguments are those of the two parts; ``gate_layer`` gates both.
     """
 
     has_spatial_map = True
@@ -247,14 +221,7 @@ class CBAM(AttentionModule):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.channel = ChannelAttention(
-            channels,
-            rd_ratio=rd_ratio,
-            rd_channels=rd_channels,
-            rd_divisor=rd_divisor,
-            act_layer=act_layer,
-            gate_layer=gate_layer,
-            mlp_bias=mlp_bias,
-            **dd,
+            channels, rd_ratio, rd_channels, rd_divisor, act_layer, gate_layer, mlp_bias, **dd
         )
         self.spatial = SpatialAttention(channels, spatial_kernel_size=spatial_kernel_size, gate_layer=gate_layer, **dd)
 
@@ -265,16 +232,10 @@ class CBAM(AttentionModule):
 
 @register_attention("scse")
 class SCSE(AttentionModule):
-    """Concurrent spatial and channel squeeze & excitation: ``x * cSE(x) + x * sSE(x)`` (Roy et al., 2018).
+    """Concurrent spatial and channel squeeze & excitation: ``x * cSE(x) + x * sSE(x)``; the map is ``sSE(x)``.
 
-    Args:
-        channels: input channels.
-        rd_ratio, rd_channels, rd_divisor: hidden width of the channel excitation.
-        act_layer: activation of the channel excitation.
-        gate_layer: gate of both branches.
-
-    Shape:
-        x (B,C,H,W) -> (B,C,H,W); map (B,1,H,W) = the spatial excitation.
+    ``rd_*`` and ``act_layer`` shape the channel excitation as in :class:`ChannelAttention`; ``gate_layer``
+    gates both branches.
     """
 
     has_spatial_map = True
@@ -292,8 +253,7 @@ class SCSE(AttentionModule):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if not rd_channels:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        rd_channels = _rd_channels(channels, rd_ratio, rd_channels, rd_divisor)
         self.cse = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(channels, rd_channels, 1, **dd),

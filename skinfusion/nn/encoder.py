@@ -1,9 +1,7 @@
 """A timm feature encoder, optionally with attention inside its residual blocks, and its weight loading.
 
-Weights come from the timm hub (``pretrained=True``), a local timm/torchvision-style classifier state dict
-(``.safetensors``, ``.pth``, ``.bin``), or the encoder of an earlier skinfusion checkpoint. Loading is
-strict except for the attention parameters this encoder adds (and the classifier keys a features-only
-model has no use for); what was not loaded is returned in a :class:`LoadReport` and logged.
+Loading is strict except for the attention parameters this encoder adds (and the classifier keys a
+features-only model has no use for); what was not loaded is returned in a :class:`LoadReport` and logged.
 """
 
 from __future__ import annotations
@@ -35,13 +33,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
 class LoadReport:
     """What :meth:`TimmEncoder.load_pretrained` did.
 
-    Attributes:
-        source: where the weights came from.
-        loaded: encoder keys set from the source.
-        new: encoder keys absent from the source and left at their initialisation (attention parameters,
-            and ``num_batches_tracked`` counters of old files).
-        ignored: source keys the encoder has no use for (the classifier of a timm model, the decoder and
-            heads of a skinfusion checkpoint).
+    Encoder keys ``loaded`` from ``source``, ``new`` ones left at their initialisation (attention parameters, old
+    files' ``num_batches_tracked``), and ``ignored`` source keys (a classifier, a checkpoint's decoder and heads).
     """
 
     source: str
@@ -64,7 +57,6 @@ class TimmEncoder(nn.Module):
         name: timm model name, e.g. ``"resnet50"``, ``"test_resnet"``, ``"efficientnet_b0"``.
         pretrained: ``False``; ``True`` for the timm hub's weights; or a path to a local weight file
             (timm classifier state dict as ``.safetensors``/``.pth``/``.bin``, or a skinfusion ``.ckpt``).
-        in_chans: input channels.
         out_indices: feature levels to return; ``None`` for all of them (5 for a ResNet: strides 2..32).
         attention: registry name of an attention module to put inside every residual block (after the last
             convolution, before the residual sum, as in CBAM); ``None``/``"none"`` for none. Needs a timm model
@@ -74,9 +66,6 @@ class TimmEncoder(nn.Module):
     Raises:
         ValueError: the model cannot take attention inside its blocks, or bad attention arguments.
         WeightsError: pretrained weights cannot be fetched or do not fit.
-
-    Shape:
-        forward: image (B,in_chans,H,W) -> list of (B, out_channels[i], H/reductions[i], W/reductions[i]).
     """
 
     def __init__(
@@ -120,7 +109,7 @@ class TimmEncoder(nn.Module):
         if attn_cls is not None and not self.attention_modules:
             raise ValueError(f"encoder {name!r} took `block_args` but built no {attention!r} attention module")
         # A block's map is named after the block: "layer3.2.se" -> "layer3.2".
-        self._map_names = {path: path.rsplit(".", 1)[0] if "." in path else path for path in self.attention_modules}
+        self._map_names = {path: path.rsplit(".", 1)[0] for path in self.attention_modules}
         self.frozen = False
         self.load_report: LoadReport | None = None
         if pretrained:
@@ -142,16 +131,13 @@ class TimmEncoder(nn.Module):
         return len(self.out_channels)
 
     def forward(self, image: Tensor) -> list[Tensor]:
+        """Image (B,in_chans,H,W) -> a list of (B, out_channels[i], H/reductions[i], W/reductions[i])."""
         return list(self.model(image))
 
     def pop_attention_maps(self) -> dict[str, Tensor]:
         """Spatial maps of the in-block attention modules from the last forward, by block name; clears them."""
-        maps = {}
-        for path, module in self.attention_modules.items():
-            attn_map = module.pop_map()
-            if attn_map is not None:
-                maps[self._map_names[path]] = attn_map
-        return maps
+        maps = {self._map_names[path]: module.pop_map() for path, module in self.attention_modules.items()}
+        return {name: attn_map for name, attn_map in maps.items() if attn_map is not None}
 
     def is_attention_key(self, key: str) -> bool:
         """Whether a state-dict key belongs to an in-block attention module added by this encoder."""
@@ -160,7 +146,7 @@ class TimmEncoder(nn.Module):
     # ------------------------------------------------------------------ weights
 
     def load_pretrained(self, pretrained: bool | str | Path) -> LoadReport:
-        """Load pretrained weights into the encoder; see the class docstring for the sources.
+        """Load pretrained weights (``True``: the timm hub's; else a file, as in the class docstring).
 
         Returns:
             A :class:`LoadReport` (also logged at INFO level).
@@ -169,26 +155,21 @@ class TimmEncoder(nn.Module):
             WeightsError: the weights cannot be fetched or read, or a key other than the new attention
                 parameters is missing, unexpected, or of another shape.
         """
-        if pretrained is True:
-            source = f"timm hub ({self.name})"
-            state_dict = self._hub_state_dict()
+        if pretrained is not True:
+            state_dict, source = load_state_dict(pretrained), str(pretrained)
         else:
-            source = str(pretrained)
-            state_dict = load_state_dict(pretrained)
+            try:
+                state_dict = timm.create_model(self.name, pretrained=True, in_chans=self.in_chans).state_dict()
+            except Exception as err:  # no network, no hub id, offline mode, ...
+                raise WeightsError(
+                    f"could not fetch pretrained weights for {self.name!r} from the timm hub "
+                    f"({type(err).__name__}: {err}). Download them where there is network and pass the file: "
+                    "pretrained='path/to/model.safetensors'"
+                ) from err
+            source = f"timm hub ({self.name})"
         report = self.load_encoder_state_dict(state_dict, source=source)
         log.info("%s", report)
         return report
-
-    def _hub_state_dict(self) -> dict[str, Tensor]:
-        try:
-            reference = timm.create_model(self.name, pretrained=True, in_chans=self.in_chans)
-        except Exception as err:  # no network, no hub id, offline mode, ...
-            raise WeightsError(
-                f"could not fetch pretrained weights for {self.name!r} from the timm hub "
-                f"({type(err).__name__}: {err}). Download them where there is network and pass the file: "
-                "pretrained='path/to/model.safetensors'"
-            ) from err
-        return reference.state_dict()
 
     def load_encoder_state_dict(self, state_dict: dict[str, Tensor], source: str = "state dict") -> LoadReport:
         """Load a timm classifier state dict or a skinfusion state dict into the encoder.
@@ -199,14 +180,16 @@ class TimmEncoder(nn.Module):
         channels is adapted as timm does (``adapt_input_conv``).
 
         Raises:
-            WeightsError: see :meth:`load_pretrained`.
+            WeightsError: as :meth:`load_pretrained`.
         """
         target = self.model.state_dict()
         source_sd, ignored = _strip_prefixes(state_dict)
         by_norm = {_normalise(k): k for k in target}
         mapped: dict[str, Tensor] = {}
         unexpected: list[str] = []
-        classifier = self._classifier_prefixes()
+        head = (getattr(self.model, "pretrained_cfg", None) or {}).get("classifier", "fc")
+        classifier = [head] if isinstance(head, str) else list(head)
+        classifier += ["fc", "head", "classifier", "global_pool"]
         for key, value in source_sd.items():
             tkey = key if key in target else by_norm.get(_normalise(key))
             if tkey is None:
@@ -229,25 +212,21 @@ class TimmEncoder(nn.Module):
         missing = [k for k in target if k not in mapped]
         new = [k for k in missing if self.is_attention_key(k) or k.endswith("num_batches_tracked")]
         missing = [k for k in missing if k not in new]
-        if missing or unexpected or mismatched:
-            problems = []
-            if missing:
-                problems.append(f"{len(missing)} encoder keys missing from the file: {_head(missing)}")
-            if unexpected:
-                problems.append(f"{len(unexpected)} keys the encoder does not have: {_head(unexpected)}")
-            if mismatched:
-                problems.append(f"{len(mismatched)} shape mismatches: {_head(mismatched)}")
+        problems = [
+            f"{len(keys)} {what}: {_head(keys)}"
+            for keys, what in (
+                (missing, "encoder keys missing from the file"),
+                (unexpected, "keys the encoder does not have"),
+                (mismatched, "shape mismatches"),
+            )
+            if keys
+        ]
+        if problems:
             raise WeightsError(
                 f"{source}: does not fit encoder {self.name!r} (a different architecture?): " + "; ".join(problems)
             )
         self.model.load_state_dict(mapped, strict=False)
         return LoadReport(source=source, loaded=sorted(mapped), new=new, ignored=ignored)
-
-    def _classifier_prefixes(self) -> list[str]:
-        cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        classifier = cfg.get("classifier", "fc")
-        prefixes = [classifier] if isinstance(classifier, str) else list(classifier)
-        return [*prefixes, "fc", "head", "classifier", "global_pool"]
 
     # ------------------------------------------------------------------ freezing
 

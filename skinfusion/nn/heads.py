@@ -47,13 +47,7 @@ def get_fusion(name: str | None) -> type[Fusion]:
 
 
 def create_fusion(name: str | None, encoder_channels: int, decoder_channels: int | None, **kwargs: Any) -> Fusion:
-    """Build the fusion mode ``name``.
-
-    Args:
-        name: registry name (see :func:`list_fusion`).
-        encoder_channels: channels of the deepest encoder features.
-        decoder_channels: channels of the decoder's last features, ``None`` without a decoder.
-        **kwargs: passed to the fusion class.
+    """Build the fusion mode ``name`` for the deepest encoder features and the decoder's last ones (or ``None``).
 
     Raises:
         ValueError: unknown name, or a mode that needs the decoder when there is none.
@@ -67,21 +61,14 @@ def create_fusion(name: str | None, encoder_channels: int, decoder_channels: int
 class Fusion(nn.Module):
     """Base of the fusion modes: ``forward(features, mask_logits, decoder_features) -> (B, out_features)``.
 
-    Attributes:
-        needs_decoder: the mode reads ``mask_logits``/``decoder_features``.
-        out_features: width of the returned vector.
+    Shapes: features (B,C,h,w); mask_logits (B,1,H,W) and decoder_features (B,D,H,W), read only by a mode that
+    ``needs_decoder``.
     """
 
     needs_decoder: bool = False
     out_features: int
 
     def forward(self, features: Tensor, mask_logits: Tensor | None, decoder_features: Tensor | None) -> Tensor:
-        """Fuse.
-
-        Shape:
-            features (B,C,h,w); mask_logits (B,1,H,W) or None; decoder_features (B,D,H,W) or None
-            -> (B, out_features).
-        """
         raise NotImplementedError
 
 
@@ -102,8 +89,6 @@ class MaskPoolFusion(Fusion):
     """Lesion-weighted pooling of the deepest features (from the predicted mask) joined to global pooling.
 
     Args:
-        encoder_channels: channels of the deepest encoder features.
-        decoder_channels: unused (uniform signature).
         detach_mask: stop the classifier's gradient from flowing into the segmentation branch.
         eps: added to the sum of weights (an empty predicted mask gives a zero lesion vector, not NaN).
     """
@@ -142,11 +127,7 @@ class DecoderFusion(Fusion):
 
 
 class MetaBranch(nn.Sequential):
-    """Small MLP encoding clinical metadata (age, sex, site, ...) for the classifier.
-
-    Shape:
-        meta (B, meta_dim) -> (B, out_features)
-    """
+    """Small MLP encoding clinical metadata (age, sex, site, ...) for the classifier: (B, meta_dim) -> (B, hidden)."""
 
     def __init__(self, meta_dim: int, hidden: int = 64, dropout: float = 0.0) -> None:
         if meta_dim < 1:
@@ -162,16 +143,9 @@ class MetaBranch(nn.Sequential):
 
 
 class ClassifierHead(nn.Module):
-    """Dropout, an optional hidden layer, and the linear classifier.
+    """Dropout, an optional hidden layer of width ``hidden`` (0: none), and the linear classifier.
 
-    Args:
-        in_features: width of the fused feature vector (plus the metadata branch's, if any).
-        num_classes: number of diagnoses.
-        hidden: width of a hidden layer (0 for none: a single linear layer).
-        dropout: dropout probability before each linear layer.
-
-    Shape:
-        features (B, in_features) -> class_logits (B, num_classes)
+    ``dropout`` is applied before each linear layer.
     """
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.2) -> None:

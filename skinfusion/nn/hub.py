@@ -1,16 +1,14 @@
 """The Hugging Face layout: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for :class:`SkinFusionNet`.
 
-:class:`SkinFusionHubMixin` wires ``huggingface_hub``'s :class:`~huggingface_hub.PyTorchModelHubMixin` into the
-network (as segmentation-models-pytorch does in ``base/hub_mixin.py``). A saved folder (or Hub repository) holds::
+A saved folder (or Hub repository) holds::
 
     config.json         the model's InferenceSettings: {"format": "skinfusion.net", "net_config": {...},
                         "class_names": [...], "image_size": S, "normalization": "imagenet"|"unit"}
     model.safetensors   the network's state dict
     README.md           a model card: task, classes, training data and its licence, metrics, intended use
 
-``config.json`` is the same record that checkpoints keep in their hyperparameters and exports keep as metadata
-(:class:`~skinfusion.io.InferenceSettings`), so ``predict``, ``evaluate`` and ``export`` take such a folder
-wherever they take a checkpoint (:func:`~skinfusion.inference.predictor.load_model`).
+``config.json`` is the record that checkpoints and exports also carry (:class:`~skinfusion.io.InferenceSettings`),
+so ``predict``, ``evaluate`` and ``export`` take such a folder wherever they take a checkpoint.
 """
 
 from __future__ import annotations
@@ -132,10 +130,6 @@ On the command line: `skinfusion predict --ckpt FOLDER images/ --out predictions
 """
 
 
-def _describe(name: str) -> str:
-    return ISIC_DESCRIPTIONS.get(name.upper(), "")
-
-
 def _format_value(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
@@ -188,15 +182,10 @@ def _config_from_settings(settings: InferenceSettings) -> dict[str, Any]:
     return {"format": FORMAT, **settings.to_dict()}
 
 
-def _check_folder(path: Path) -> None:
-    """A clear error for a local folder that lacks a file or whose config.json is not JSON."""
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
-    if missing:
-        raise WeightsError(f"{path}: missing {' and '.join(missing)} (a save_pretrained folder holds both)")
-    try:
-        json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise WeightsError(f"{path / CONFIG_NAME}: not readable JSON ({err})") from err
+def _card_kwargs(model_card_kwargs: dict[str, Any] | None, metrics: Any, dataset: str | None) -> dict[str, Any]:
+    card = {**(model_card_kwargs or {})}
+    card.update({k: v for k, v in (("metrics", metrics), ("dataset", dataset)) if v is not None})
+    return card
 
 
 class SkinFusionHubMixin(
@@ -207,7 +196,7 @@ class SkinFusionHubMixin(
     tags=["skinfusion", "dermoscopy", "skin-lesion", "image-segmentation", "image-classification", "isic-2018"],
     model_card_template=MODEL_CARD,
 ):
-    """Hugging Face Hub support for :class:`~skinfusion.nn.SkinFusionNet` (``huggingface_hub``'s PyTorch mixin).
+    """Hugging Face Hub support for :class:`~skinfusion.nn.SkinFusionNet` through ``huggingface_hub``'s mixin.
 
     Example:
         >>> net, settings = load_model("best.ckpt")
@@ -235,29 +224,20 @@ class SkinFusionHubMixin(
         """Write ``config.json``, ``model.safetensors`` and a ``README.md`` model card (rewritten) to a folder.
 
         Args:
-            save_directory: the folder (created).
-            settings: the inference settings to store (class names, input size, normalisation). Default: those
-                read by :meth:`from_pretrained`, else the network's config with the ISIC classes, 224 px and
-                ``imagenet`` normalisation.
+            settings: the inference settings to store. Default: those read by :meth:`from_pretrained`, else the
+                network's config with the ISIC classes, 224 px and ``imagenet`` normalisation.
             metrics: the checkpoint's own evaluation for the card: a mapping, or the ``metrics.json`` of
                 ``skinfusion evaluate``.
             dataset: what the network was trained on, for the card (default: ISIC 2018 / HAM10000).
             config: a stored ``config.json`` record (what :meth:`push_to_hub` passes); ``settings`` wins.
             repo_id: Hub repository for ``push_to_hub`` (default: the folder's name).
-            push_to_hub: upload the folder to the Hub afterwards.
             model_card_kwargs: more values for the card template.
             push_to_hub_kwargs: passed to :meth:`push_to_hub` (``private``, ``token``, ``commit_message``...).
 
         Returns:
             The commit URL when pushed, else ``None``.
         """
-        if settings is None:
-            settings = self._stored_settings(config)
-        card = {**(model_card_kwargs or {})}
-        if metrics is not None:
-            card["metrics"] = metrics
-        if dataset is not None:
-            card["dataset"] = dataset
+        settings = settings or self._stored_settings(config)
         save_directory = Path(save_directory)
         (save_directory / "README.md").unlink(missing_ok=True)  # the mixin keeps an existing card: stale metrics
         return super().save_pretrained(
@@ -269,7 +249,7 @@ class SkinFusionHubMixin(
                 "settings": settings,
                 "location": (repo_id or save_directory.name) if push_to_hub else str(save_directory),
                 "on_hub": push_to_hub,
-                **card,
+                **_card_kwargs(model_card_kwargs, metrics, dataset),
             },
             **push_to_hub_kwargs,
         )
@@ -287,18 +267,15 @@ class SkinFusionHubMixin(
     ) -> str:
         """Upload the :meth:`save_pretrained` folder to the Hub repository ``repo_id`` (created if needed).
 
-        ``settings``, ``metrics`` and ``dataset`` as in :meth:`save_pretrained`; ``kwargs`` as in
-        :meth:`huggingface_hub.PyTorchModelHubMixin.push_to_hub` (``private``, ``token``, ``branch``,
-        ``create_pr``, ``commit_message``...). Needs a token with write access and the network.
+        The other arguments as in :meth:`save_pretrained`; ``kwargs`` as in the mixin's ``push_to_hub``
+        (``private``, ``token``, ``branch``, ``create_pr``, ``commit_message``...). Needs a write token.
 
         Returns:
             The URL of the commit.
         """
-        if settings is None:
-            settings = self._stored_settings(config)
-        card = {**(model_card_kwargs or {}), "location": repo_id, "on_hub": True}
-        card.update({k: v for k, v in (("metrics", metrics), ("dataset", dataset)) if v is not None})
-        return super().push_to_hub(repo_id, config=_config_from_settings(settings), model_card_kwargs=card, **kwargs)
+        config = _config_from_settings(settings or self._stored_settings(config))
+        card = {**_card_kwargs(model_card_kwargs, metrics, dataset), "location": repo_id, "on_hub": True}
+        return super().push_to_hub(repo_id, config=config, model_card_kwargs=card, **kwargs)
 
     def _stored_settings(self, config: Mapping[str, Any] | None) -> InferenceSettings:
         """The record given as ``config``, else the one read by ``from_pretrained``, else the default one."""
@@ -330,7 +307,7 @@ class SkinFusionHubMixin(
             "parts": " and ".join(parts),
             "has_decoder": self.has_decoder,
             "has_classifier": self.has_classifier,
-            "classes": [(name, _describe(name)) for name in settings.class_names],
+            "classes": [(name, ISIC_DESCRIPTIONS.get(name.upper(), "")) for name in settings.class_names],
             "image_size": settings.image_size,
             "normalization": settings.normalization,
             "attention": config.get("attention") or "none",
@@ -351,8 +328,8 @@ class SkinFusionHubMixin(
         """Rebuild a network from a :meth:`save_pretrained` folder or a Hub repository id.
 
         Args:
-            pretrained_model_name_or_path: a local folder, or ``"user/name"`` on the Hub (downloaded into the Hub
-                cache; with ``HF_HUB_OFFLINE=1`` only the cache is read).
+            pretrained_model_name_or_path: a local folder, or ``"user/name"`` on the Hub (with
+                ``HF_HUB_OFFLINE=1`` only the Hub cache is read).
             kwargs: ``revision``, ``cache_dir``, ``force_download``, ``token``, ``local_files_only``,
                 ``map_location`` (default ``"cpu"``), ``strict`` (default ``True``); any other keyword is a
                 :class:`SkinFusionNet` argument that overrides the stored one (e.g. ``dropout=0.0``).
@@ -365,8 +342,14 @@ class SkinFusionHubMixin(
                 skinfusion record, or the weights do not fit it.
         """
         path = Path(pretrained_model_name_or_path)
-        if path.is_dir():
-            _check_folder(path)
+        if path.is_dir():  # a clear error for a folder that lacks a file or whose config.json is not JSON
+            missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
+            if missing:
+                raise WeightsError(f"{path}: missing {' and '.join(missing)} (a save_pretrained folder holds both)")
+            try:
+                json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise WeightsError(f"{path / CONFIG_NAME}: not readable JSON ({err})") from err
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

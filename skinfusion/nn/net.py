@@ -47,16 +47,12 @@ ATTENTION_PLACEMENTS = ("encoder", "skip", "classifier")
 
 
 class SkinFusionNet(nn.Module, SkinFusionHubMixin):
-    """Joint lesion segmentation and diagnosis network.
-
-    Saves and loads in the Hugging Face layout (``save_pretrained``, ``from_pretrained``, ``push_to_hub``; see
-    :class:`~skinfusion.nn.hub.SkinFusionHubMixin`).
+    """Joint lesion segmentation and diagnosis network (``save_pretrained``/``from_pretrained``: see the hub module).
 
     Args:
         encoder: timm model name (``"resnet50"`` as in the paper; ``"test_resnet"`` for tests).
         pretrained: ``False``, ``True`` (timm hub), or a path to a weight file or an earlier skinfusion
             checkpoint (see :class:`~skinfusion.nn.encoder.TimmEncoder`).
-        in_chans: input channels.
         attention: attention registry name (``"cbam"``, ``"spatial"``, ``"channel"``, ``"scse"``) or
             ``None``/``"none"``.
         attention_placement: where the attention goes, any of ``"encoder"`` (inside every residual block of
@@ -69,11 +65,9 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
         fusion: how the classifier reads the segmentation branch: ``"none"``, ``"mask_pool"``, ``"decoder"``
             (see :mod:`skinfusion.nn.heads`). Unused without a classifier.
         fusion_kwargs: arguments of the fusion module (e.g. ``detach_mask=True`` for ``mask_pool``).
-        num_classes: number of diagnoses.
         meta_dim: width of the clinical metadata vector; 0 for no metadata branch.
-        meta_hidden: width of the metadata branch.
-        classifier_hidden: width of a hidden layer in the classifier (0: a linear classifier).
-        dropout: dropout before the classifier's linear layers.
+        meta_hidden, classifier_hidden, dropout: see :class:`~skinfusion.nn.heads.MetaBranch` and
+            :class:`~skinfusion.nn.heads.ClassifierHead` (``classifier_hidden=0``: a linear classifier).
 
     Raises:
         ValueError: an unknown name or placement, or parts that do not go together (e.g. ``fusion="mask_pool"``
@@ -197,15 +191,7 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
         return self.encoder.load_report
 
     def forward(self, image: Tensor, meta: Tensor | None = None) -> SkinFusionOutput:
-        """Segment and classify.
-
-        Args:
-            image: (B,in_chans,H,W) normalised images.
-            meta: (B,meta_dim) encoded clinical metadata; required when ``meta_dim > 0``, ignored otherwise.
-
-        Returns:
-            ``SkinFusionOutput(mask_logits, class_logits, attention)``; disabled parts are ``None``.
-        """
+        """Segment and classify normalised images; ``meta`` is required when ``meta_dim > 0``, ignored otherwise."""
         features = self.encoder(image)
         attention: dict[str, Tensor] = {}
         if "encoder" in self.attention_placement:

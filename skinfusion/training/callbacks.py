@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
@@ -11,6 +12,8 @@ from pytorch_lightning.utilities import rank_zero_only
 __all__ = ["ISICTestReport", "MetricsSummary"]
 
 log = logging.getLogger(__name__)
+
+_SUMMARY_KEYS = ("loss", "dice", "jaccard", "threshold_jaccard", "accuracy", "balanced_accuracy", "f1_macro", "auc")
 
 
 class MetricsSummary(pl.Callback):
@@ -20,19 +23,7 @@ class MetricsSummary(pl.Callback):
         keys: metric names (without the stage prefix) to print, in order; missing ones are skipped.
     """
 
-    def __init__(
-        self,
-        keys: tuple[str, ...] = (
-            "loss",
-            "dice",
-            "jaccard",
-            "threshold_jaccard",
-            "accuracy",
-            "balanced_accuracy",
-            "f1_macro",
-            "auc",
-        ),
-    ) -> None:
+    def __init__(self, keys: tuple[str, ...] = _SUMMARY_KEYS) -> None:
         self.keys = tuple(keys)
 
     def summary(self, trainer: pl.Trainer, stage: str) -> dict[str, float]:
@@ -69,12 +60,9 @@ class MetricsSummary(pl.Callback):
 class ISICTestReport(pl.Callback):
     """After ``skinfusion test``: the official ISIC metrics at the original image resolution, and a report.
 
-    The ``test/...`` metrics of the test loop are computed at the training resolution. This callback then
-    predicts the DataModule's test split again from the original files (a prepared manifest's
-    ``orig_image``/``orig_mask``), resizes the masks back to each image's own size, and scores them with
-    :mod:`skinfusion.evaluation.isic` (identical to the official ISIC scorer). It writes the evaluation report
-    of :func:`skinfusion.evaluation.report.evaluate` (``metrics.json``, ``per_class.md``, confusion matrix, ROC
-    curves, worst segmentations) and logs the scalars as ``test_isic/<metric>``.
+    The test loop's ``test/...`` metrics are at the training resolution. This callback predicts the test split
+    again from the manifest's original files, scores it as the official ISIC scorer does, writes the report of
+    :func:`skinfusion.evaluation.report.evaluate` and logs its scalars as ``test_isic/<metric>``.
 
     Args:
         out_dir: report folder; default ``<log dir>/test_report``.
@@ -91,8 +79,6 @@ class ISICTestReport(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from pathlib import Path
-
         from skinfusion.data.datamodule import SkinFusionDataModule
         from skinfusion.evaluation.report import evaluate
         from skinfusion.inference.predictor import Predictor

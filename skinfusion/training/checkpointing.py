@@ -1,16 +1,10 @@
 """Crash-safe checkpoints and exact resumption.
 
-A killed ``skinfusion fit`` resumed with ``--ckpt_path last`` ends with the same weights as a run
-that was never interrupted (bitwise on CPU with ``trainer.deterministic=true``). Besides the data order
-(:mod:`skinfusion.data.sampling`) that takes:
-
-* :class:`AtomicCheckpointIO`: every checkpoint is written atomically (:func:`skinfusion.io.atomic_path`),
-  so a kill during a save never leaves a truncated ``last.ckpt``, and loaded with
-  ``torch.load(weights_only=True)`` (no arbitrary unpickling), which covers Lightning's own resume path;
-* :class:`LastCheckpoint`: ``last.ckpt`` every N steps and at every epoch end;
-* :class:`RNGStateCheckpoint`: the global random states (torch, numpy, ``random``, CUDA) in the checkpoint,
-  put back before the first resumed step (dropout draws continue as if never interrupted); Lightning does
-  not save them.
+A killed ``skinfusion fit`` resumed with ``--ckpt_path last`` ends with the same weights as a run that was
+never interrupted (bitwise on CPU with ``trainer.deterministic=true``). Besides the data order
+(:mod:`skinfusion.data.sampling`) that takes atomic, safely loaded checkpoints (:class:`AtomicCheckpointIO`),
+a fresh ``last.ckpt`` (:class:`LastCheckpoint`) and the random states, which Lightning does not save
+(:class:`RNGStateCheckpoint`).
 """
 
 from __future__ import annotations
@@ -36,16 +30,11 @@ log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning CheckpointIO that saves atomically and loads without unpickling arbitrary objects.
+    """Lightning CheckpointIO that saves atomically (:func:`skinfusion.io.atomic_save`) and loads safely.
 
-    Saving: :func:`skinfusion.io.atomic_save` (temporary file, ``fsync``, rename, ``fsync`` of the folder): a
-    process killed at any moment leaves either the previous file or the new one, never a truncated mix.
-
-    Loading: :func:`skinfusion.io.load_checkpoint` (``torch.load(weights_only=True)``), which refuses
-    a pickle that would build any object other than tensors and plain containers and raises
-    :class:`~skinfusion.errors.WeightsError` naming the file. Lightning passes the ``weights_only``
-    argument of ``Trainer.fit/validate/test/predict`` through; only an explicit ``False`` there (for a
-    checkpoint you trust) falls back to full unpickling.
+    Loading is :func:`skinfusion.io.load_checkpoint` (``weights_only=True``: a :class:`~skinfusion.errors.WeightsError`
+    for a pickle that would build other objects), unless ``Trainer.fit/validate/test/predict`` get an explicit
+    ``weights_only=False`` (for a checkpoint you trust).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
@@ -68,18 +57,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Keep ``last.ckpt`` fresh: every ``every_n_train_steps`` steps and at the end of every epoch.
+    """Keep ``last.ckpt`` fresh: every ``every_n_train_steps`` steps (``0``: never) and at the end of every epoch.
 
-    The resume point of ``fit --ckpt_path last``: at most ``every_n_train_steps`` steps of work are
-    lost to a crash, and after training it holds the final state. (A plain ``ModelCheckpoint``
-    with ``save_last=True`` and a ``monitor`` rewrites ``last.ckpt`` at an epoch's end only when the
-    metric improved.) Let other checkpoint callbacks keep ``save_last`` off, so that one writer
-    owns the file.
-
-    Args:
-        every_n_train_steps: steps between saves (``0``: only at the end of epochs).
-        dirpath: folder (default: the logger's ``.../checkpoints``, as ``ModelCheckpoint``).
-        filename: file name of the checkpoint, without ``.ckpt``.
+    (A plain ``ModelCheckpoint`` with ``save_last=True`` and a ``monitor`` rewrites ``last.ckpt`` at an epoch's
+    end only when the metric improved.) Let other checkpoint callbacks keep ``save_last`` off, so that one
+    writer owns the file. ``dirpath`` defaults to the logger's ``.../checkpoints``; ``filename`` has no ``.ckpt``.
     """
 
     def __init__(self, every_n_train_steps: int = 200, dirpath: str | None = None, filename: str = "last") -> None:
@@ -110,10 +92,9 @@ class LastCheckpoint(ModelCheckpoint):
 def find_last_checkpoint(trainer: pl.Trainer) -> str | None:
     """The newest ``last*.ckpt`` a rerun of the same configuration should resume from.
 
-    Lightning's ``ckpt_path="last"`` only looks in the *current* run's checkpoint folder, which
-    with a versioned logger (``version_N``) is a new, empty folder. This also looks in the sibling
-    versions of the logger's folder (``save_dir/name/*/checkpoints``) and in every
-    :class:`ModelCheckpoint`'s own ``dirpath``, and returns the most recently modified file.
+    Lightning's ``ckpt_path="last"`` only looks in the *current* run's checkpoint folder, which with a versioned
+    logger is a new, empty one. This also looks in the sibling versions (``save_dir/name/*/checkpoints``) and in
+    every :class:`ModelCheckpoint`'s ``dirpath``, and returns the most recently modified file.
     """
     folders: set[Path] = set()
     for callback in trainer.checkpoint_callbacks:
@@ -138,28 +119,12 @@ def find_last_checkpoint(trainer: pl.Trainer) -> str | None:
 # ---------------------------------------------------------------------------------------------- random states
 
 
-def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = state
-    return {
-        "name": name,
-        "keys": torch.from_numpy(np.asarray(keys, np.int64)),
-        "pos": int(pos),
-        "gauss": (int(has_gauss), float(gauss)),
-    }
-
-
-def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
-    has_gauss, gauss = state["gauss"]
-    return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], has_gauss, gauss)
-
-
 def collect_rng_states() -> dict[str, Any]:
     """The global random states as tensors and plain values (loadable with ``weights_only=True``)."""
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": _numpy_state_to_tensors(np.random.get_state()),
-        "python": random.getstate(),
-    }
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    keys = torch.from_numpy(np.asarray(keys, np.int64))
+    numpy_state = {"name": name, "keys": keys, "pos": int(pos), "gauss": (int(has_gauss), float(gauss))}
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -168,7 +133,9 @@ def collect_rng_states() -> dict[str, Any]:
 def set_rng_states(states: dict[str, Any]) -> None:
     """Restore states from :func:`collect_rng_states`."""
     torch.set_rng_state(states["torch"])
-    np.random.set_state(_numpy_state_from_tensors(states["numpy"]))
+    numpy_state = states["numpy"]
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy_state["name"], keys, numpy_state["pos"], *numpy_state["gauss"]))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in states and torch.cuda.is_available():
@@ -178,20 +145,19 @@ def set_rng_states(states: dict[str, Any]) -> None:
 class RNGStateCheckpoint(Callback):
     """Save the global random states in every checkpoint and restore them when training resumes.
 
-    The states are those of the moment the checkpoint is written (e.g. after training step ``k``);
-    they are restored just before the first training batch after a resume, so whatever ran in
-    between (loading, the sanity check) does not matter and step ``k + 1`` draws the same dropout
-    masks as in an uninterrupted run. Each process stores its own states (keyed by rank).
+    They are restored just before the first training batch after a resume, so whatever ran in between
+    (loading, the sanity check) does not matter and the next step draws the same dropout masks as in an
+    uninterrupted run. Each process stores its own states (keyed by rank).
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rank": _global_rank(), "states": collect_rng_states()}
+        return {"rank": distributed_world()[1], "states": collect_rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("rank", 0) != _global_rank():
+        if state_dict.get("rank", 0) != distributed_world()[1]:
             # Lightning checkpoints hold rank 0's callback state; other ranks keep their own seeds.
             log.info("RNG states in the checkpoint are rank %s's; not restored here", state_dict.get("rank"))
             return
@@ -203,7 +169,3 @@ class RNGStateCheckpoint(Callback):
         if self._pending is not None:
             set_rng_states(self._pending)
             self._pending = None
-
-
-def _global_rank() -> int:
-    return distributed_world()[1]

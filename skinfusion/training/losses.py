@@ -1,15 +1,11 @@
 """Losses: Dice + BCE on the masks that exist, CE or focal loss on the labels that exist, and their sum.
 
 Batches mix images with a mask and no diagnosis (ISIC Task 1) and images with a diagnosis and no mask
-(Task 3). Each loss therefore averages over the samples that have a target only, and a batch without any
-gives an exact zero that is still connected to the graph (``logits.sum() * 0``), so that every parameter
-receives a (zero) gradient and DDP does not wait for gradients that never come.
+(Task 3). Each loss averages over the samples that have a target, and a batch without any gives an exact
+zero still connected to the graph, so that every parameter gets a (zero) gradient and DDP does not hang.
 
-References:
-    * Focal loss: Lin, Goyal, Girshick, He, Dollár, "Focal Loss for Dense Object Detection", ICCV 2017.
-    * Uncertainty weighting: Kendall, Gal, Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses
-      for Scene Geometry and Semantics", CVPR 2018 (https://arxiv.org/abs/1705.07115), in the common form
-      ``sum_i exp(-s_i) L_i + s_i`` with learnable ``s_i = log sigma_i^2``.
+References: focal loss, Lin et al., ICCV 2017; uncertainty weighting, Kendall et al., CVPR 2018
+(https://arxiv.org/abs/1705.07115), as ``sum_i exp(-s_i) L_i + s_i`` with learnable ``s_i = log sigma_i^2``.
 """
 
 from __future__ import annotations
@@ -33,6 +29,13 @@ def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def _class_weights(class_weights: Sequence[float] | Tensor) -> Tensor:
+    weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
+    if weights.numel() == 0 or bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"class_weights must be finite, non-negative and non-empty, got {class_weights}")
+    return weights
+
+
 class DiceBCELoss(nn.Module):
     """Soft Dice loss plus binary cross-entropy, over the samples that have a mask.
 
@@ -40,10 +43,7 @@ class DiceBCELoss(nn.Module):
     the loss is ``dice_weight * mean_i(1 - dice_i) + bce_weight * mean_i(BCE_i)`` where ``BCE_i`` is the mean
     pixel BCE of image ``i`` and ``i`` runs over the images with ``has_mask``.
 
-    Args:
-        dice_weight: weight of the Dice term (>= 0).
-        bce_weight: weight of the BCE term (>= 0).
-        smooth: added to numerator and denominator of the Dice (> 0 keeps an empty mask finite).
+    ``smooth`` is added to the Dice's numerator and denominator (> 0 keeps an empty mask finite).
 
     Shape:
         mask_logits (B,1,H,W), mask (B,1,H,W) in {0,1}, has_mask (B,) bool (``None``: all) -> scalar.
@@ -128,17 +128,12 @@ class ClassificationLoss(nn.Module):
             raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
         if logit_adjustment < 0:
             raise ValueError(f"logit_adjustment must be >= 0, got {logit_adjustment}")
-        weights = None
-        if class_weights is not None:
-            weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
-            if weights.numel() == 0 or bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
-                raise ValueError(f"class_weights must be finite, non-negative and non-empty, got {class_weights}")
         self.loss = loss
         self.label_smoothing = label_smoothing
         self.focal_gamma = focal_gamma
         self.ignore_index = ignore_index
         self.logit_adjustment = logit_adjustment
-        self.register_buffer("class_weights", weights)
+        self.register_buffer("class_weights", None if class_weights is None else _class_weights(class_weights))
         self.register_buffer("log_priors", None if class_priors is None else log_priors(class_priors))
 
     def forward(self, class_logits: Tensor, label: Tensor) -> Tensor:
@@ -204,14 +199,11 @@ class MultiTaskLoss(nn.Module):
     Args:
         seg_weight, cls_weight: fixed task weights (>= 0).
         uncertainty: learn the task weighting.
-        cls_loss: ``"ce"`` or ``"focal"``.
-        class_weights: (K,) class weights (CE) / alphas (focal); ``"auto"``: inverse class frequency of the
+        class_weights: as in :class:`ClassificationLoss`, or ``"auto"``: inverse class frequency of the
             training split, filled in by :class:`~skinfusion.SkinFusionModule` from the DataModule at setup.
-        label_smoothing: CE label smoothing.
-        focal_gamma: focal loss gamma.
-        logit_adjustment: logit-adjusted loss ``tau`` (see :class:`ClassificationLoss`); 0 turns it off.
-        class_priors: training class frequencies for ``logit_adjustment``; ``"auto"`` (the default): the training
-            split's class counts, filled in by the module at setup like ``class_weights="auto"``.
+        class_priors: as in :class:`ClassificationLoss`, or ``"auto"`` (the default): the training split's
+            class counts, filled in at setup like ``class_weights="auto"``.
+        cls_loss, label_smoothing, focal_gamma, logit_adjustment: see :class:`ClassificationLoss`.
         dice_weight, bce_weight, smooth: see :class:`DiceBCELoss`.
 
     Returns (forward):
@@ -278,22 +270,14 @@ class MultiTaskLoss(nn.Module):
 
     def set_class_weights(self, class_weights: Sequence[float] | Tensor) -> None:
         """Set the classification class weights (used to resolve ``class_weights="auto"``)."""
-        weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
-        if weights.numel() == 0 or bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
-            raise ValueError(f"class_weights must be finite, non-negative and non-empty, got {class_weights}")
+        weights = _class_weights(class_weights)
         device = next((b.device for b in self.buffers()), weights.device)
         self.cls_loss.class_weights = weights.to(device)
         self.config["class_weights"] = weights.tolist()
         self.auto_class_weights = False
 
     def forward(self, output: Any, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Compute the losses.
-
-        Args:
-            output: ``SkinFusionOutput`` (or anything with ``mask_logits`` and ``class_logits``).
-            batch: needs ``mask``/``has_mask`` when the output has ``mask_logits``, ``label`` when it has
-                ``class_logits``.
-        """
+        """The losses of a ``SkinFusionOutput`` (``batch`` needs ``mask``/``has_mask``, ``label`` for its heads)."""
         terms: dict[str, tuple[Tensor, Tensor, float]] = {}  # task -> (loss, present, fixed weight)
         if output.mask_logits is not None:
             has_mask = batch.get("has_mask")

@@ -1,7 +1,7 @@
 """SkinFusionModule: the LightningModule that trains a :class:`~skinfusion.nn.SkinFusionNet`.
 
-The network is a plain ``nn.Module`` handed in from outside (so it can be exported and tested without a
-Trainer); this module owns the loss, the metrics, the optimiser and the logging.
+The network is a plain ``nn.Module`` handed in from outside (exportable and testable without a Trainer);
+this module owns the loss, the metrics, the optimiser and the logging.
 """
 
 from __future__ import annotations
@@ -43,11 +43,9 @@ _FUSED_DEVICES = ("cpu", "cuda")
 
 
 def _default_optimizer(params, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW(lr=1e-3, weight_decay=1e-4), fused (one kernel for all parameters) where PyTorch has the kernel.
+    """AdamW(lr=1e-3, weight_decay=1e-4), fused (one kernel for all parameters, much faster on a CPU) if possible.
 
-    The fused update is the same arithmetic as the per-parameter loop in another order, and much faster on a
-    CPU (``benchmarks/bench_optimizer.py``). ``fused=None`` picks it when every parameter is a float tensor on
-    CPU or CUDA.
+    ``fused=None`` picks it when every parameter is a float tensor on CPU or CUDA.
     """
     params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
     if fused is None:
@@ -60,34 +58,27 @@ class SkinFusionModule(pl.LightningModule):
     """Trains segmentation and classification together on the DataModule's batches.
 
     A batch holds ``image`` (B,3,H,W) float, ``mask`` (B,1,H,W) in {0,1}, ``has_mask`` (B,) bool, ``label`` (B,)
-    int64 with -1 where unknown, ``id`` and optionally ``meta`` (B,M); masks and labels may be missing for any
-    sample, and the losses and metrics count only the samples that have them.
+    int64 with -1 where unknown, ``id`` and optionally ``meta`` (B,M); the losses and metrics count only the
+    samples that have a mask or a label.
 
     Args:
-        net: the network (any :class:`SkinFusionNet`).
         loss: the multi-task loss; default Dice+BCE plus cross-entropy, weights 1.
-        optimizer: a callable ``params -> Optimizer`` (LightningCLI builds it from YAML);
-            default AdamW(lr=1e-3, weight_decay=1e-4), fused on CPU and CUDA.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI builds it from YAML); default
+            :func:`_default_optimizer`.
         scheduler: a callable ``optimizer -> LRScheduler`` or ``None``.
         class_names: names of the classes in label-index order (linked from the DataModule).
-        encoder_lr_mult: the encoder's learning rate is the optimiser's times this (transfer learning
-            usually wants < 1).
-        freeze_encoder_epochs: keep the encoder frozen (weights and BatchNorm statistics) for this many
-            epochs, then train it.
+        encoder_lr_mult: the encoder's learning rate is the optimiser's times this.
+        freeze_encoder_epochs: keep the encoder frozen (weights and BatchNorm statistics) for this many epochs.
         mask_threshold: probability above which a pixel counts as lesion in the metrics.
         nonfinite_loss: ``"raise"`` stops training with :class:`NonFiniteLossError` when the loss is NaN/Inf
             (the last checkpoint stays as it was); ``"skip"`` skips that optimisation step and logs a warning.
         scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
         scheduler_monitor: metric for schedulers such as ReduceLROnPlateau.
-        channels_last: keep the network's weights and inputs in NHWC memory format (faster convolutions with
-            cuDNN under bf16/fp16 autocast and with oneDNN on many CPUs; measure with
-            ``benchmarks/bench_training.py``). Results equal the NCHW ones up to float rounding.
-        compile: ``torch.compile`` the network's forward (``True``, or a dict of ``torch.compile`` arguments
-            such as ``{"mode": "max-autotune"}``), via ``nn.Module.compile`` so that parameter names and
-            checkpoints stay the same. The first steps are slow while it compiles.
-        train_metrics: compute the metrics of the training batches (``train/dice``, ``train/accuracy``, ...). The
-            losses are logged either way; ``False`` saves the metric updates (``benchmarks/bench_training.py``,
-            variant ``skinfusion+nometrics``).
+        channels_last: keep the network's weights and inputs in NHWC memory format (often faster convolutions;
+            results equal the NCHW ones up to float rounding).
+        compile: ``torch.compile`` the network's forward (``True``, or a dict of ``torch.compile`` arguments),
+            via ``nn.Module.compile`` so that parameter names and checkpoints stay the same.
+        train_metrics: compute the metrics of the training batches too (the losses are logged either way).
     """
 
     def __init__(
@@ -368,11 +359,9 @@ class SkinFusionModule(pl.LightningModule):
     def from_checkpoint(
         cls, path: str | Path | Mapping[str, Any], map_location: str | torch.device = "cpu"
     ) -> SkinFusionModule:
-        """Rebuild a trained module from a skinfusion checkpoint without unpickling objects.
+        """Rebuild a trained module from a skinfusion checkpoint (a path, or one already read) without unpickling.
 
-        The network and loss are rebuilt from the plain records in the checkpoint's hyperparameters, then the
-        weights are loaded strictly. ``path`` may also be a checkpoint already read with
-        :func:`skinfusion.io.load_checkpoint` (so callers read a large file once).
+        The network and loss are rebuilt from the plain records in its hyperparameters; the weights load strictly.
         """
         ckpt = path if isinstance(path, Mapping) else load_checkpoint(path, map_location)
         settings = InferenceSettings.from_checkpoint(ckpt)

@@ -1,17 +1,11 @@
 """A learning-rate schedule that follows the run's length: linear warm-up, then cosine decay to the end.
 
-A fixed ``CosineAnnealingLR(T_max=30)`` decays over 30 epochs whatever the run does: a 5-epoch run, or one
-stopped by ``max_time``, ends with the learning rate still near its start. :class:`WarmupCosine` instead
-reads the run's length from the Trainer when :class:`~skinfusion.training.module.SkinFusionModule` binds it:
-the number of optimiser steps (``trainer.estimated_stepping_batches``, which follows ``max_epochs``,
-``max_steps``, ``limit_train_batches`` and gradient accumulation) and, when ``max_time`` is set, the training
-time. The run's progress is the larger of the two fractions, so the schedule ends when the run ends,
-whichever limit stops it. Progress by time depends on the machine's speed; set ``max_epochs`` (and keep
-``max_time`` as a safety cap) for runs that must be reproducible.
+:class:`~skinfusion.training.module.SkinFusionModule` binds it to the Trainer's optimiser steps
+(``trainer.estimated_stepping_batches``) and, with ``max_time``, to the training time; the run's progress is
+the larger fraction, so the schedule ends when the run ends, whichever limit stops it. Progress by time depends
+on the machine's speed: set ``max_epochs`` (keeping ``max_time`` as a cap) for reproducible runs.
 
-References:
-    * Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017 (cosine decay).
-    * Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017 (linear warm-up).
+References: Loshchilov & Hutter, SGDR, ICLR 2017 (cosine decay); Goyal et al., 2017 (linear warm-up).
 """
 
 from __future__ import annotations
@@ -34,7 +28,6 @@ class WarmupCosine(LRScheduler):
     ``p`` in [0, 1] is the run's progress. Step it every optimiser step (the module does so for this class).
 
     Args:
-        optimizer: the optimiser.
         warmup: fraction of the run spent warming up, in [0, 1).
         min_lr_ratio: final learning rate as a fraction of the initial one, in [0, 1].
         total_steps: optimiser steps of the whole run; ``None`` until :meth:`bind` (or the module) sets it.

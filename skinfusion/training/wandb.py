@@ -1,12 +1,10 @@
 """Weights & Biases: a logger that falls back to offline mode by itself, the resolved config, and validation panels.
 
-* :class:`WandbLogger`: Lightning's ``WandbLogger`` that writes an offline run under
-  ``{save_dir}/wandb/offline-run-*`` (``wandb sync`` uploads it later) instead of failing or hanging when there is
-  no API key or no connection to the W&B server, and says so once in the log. ``WANDB_MODE`` (``online``,
-  ``offline``, ``disabled``), when the user sets it, is obeyed as it is and no check is made.
+* :class:`WandbLogger`: Lightning's ``WandbLogger`` that writes an offline run (``wandb sync`` uploads it later)
+  instead of failing or hanging without an API key or a connection to the W&B server.
 * :class:`WandbConfig`: the resolved LightningCLI config in the run's config.
-* :class:`WandbPanels`: after each validation epoch, the same few validation images with predicted and true
-  masks as W&B mask overlays, the attention maps as heat maps, the confusion matrix and a per-class table.
+* :class:`WandbPanels`: validation images with mask overlays, attention and Grad-CAM heat maps, the confusion
+  matrix and a per-class table.
 """
 
 from __future__ import annotations
@@ -56,19 +54,11 @@ def _base_url() -> str:
 
 
 def find_wandb_api_key(base_url: str | None = None) -> str | None:
-    """Find W&B credentials the way ``wandb`` does, without prompting, network or wandb's service.
+    """The W&B API key (or identity token file) of ``base_url``'s host, or ``None``: no prompt, no network.
 
-    (``wandb.login(prompt=False)`` answers the same question but starts wandb's service process, which takes
-    seconds, and prints banners; this is a few file reads.)
-
-    Looks at ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE`` and the netrc file (``NETRC``, else
-    ``~/.netrc`` or ``~/_netrc``) entry of the server's host (``wandb login`` writes it there).
-
-    Args:
-        base_url: the W&B server; default ``WANDB_BASE_URL`` or https://api.wandb.ai.
-
-    Returns:
-        The API key (or the identity token file's path), or ``None`` when there is none.
+    Reads ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, then the netrc file (``NETRC``, else ``~/.netrc`` or
+    ``~/_netrc``) that ``wandb login`` writes. wandb has no public call that only looks: ``wandb.login(prompt=False,
+    verify=False)`` starts wandb's service process (seconds), prints banners and returns only a bool.
     """
     if key := os.environ.get("WANDB_API_KEY", "").strip():
         return key
@@ -76,28 +66,23 @@ def find_wandb_api_key(base_url: str | None = None) -> str | None:
     if token_file and Path(token_file).expanduser().is_file():
         return token_file
     host = urlsplit(base_url or _base_url()).hostname
-    if not host:
+    names = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    path = next((p for p in (Path(name).expanduser() for name in names) if p.is_file()), None)
+    if not host or path is None:
         return None
-    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
-    for candidate in candidates:
-        path = Path(candidate).expanduser()
-        if not path.is_file():
-            continue
-        try:
-            entry = netrc.netrc(path).authenticators(host)
-        except (netrc.NetrcParseError, OSError):
-            return None
-        return entry[2] if entry and entry[2] else None
-    return None
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (netrc.NetrcParseError, OSError):
+        return None
+    return entry[2] if entry and entry[2] else None
 
 
 def server_reachable(base_url: str | None = None, timeout: float = 2.0) -> bool:
-    """Whether the W&B server answers an HTTP request within ``timeout`` seconds.
+    """Whether the W&B server answers an HTTP request to ``{base_url}/healthz`` within ``timeout`` seconds.
 
-    Requests ``{base_url}/healthz`` (through the ``HTTPS_PROXY``/``HTTP_PROXY`` proxies, as wandb
-    would); any HTTP answer counts, even an error status. A TCP connection alone is not enough:
-    sandboxes and captive networks often accept every connection and then never answer. The request
-    runs in a daemon thread, so neither a slow name lookup nor a silent peer blocks past ``timeout``.
+    Any HTTP answer counts, even an error status; a TCP connection alone does not, as sandboxes and captive
+    networks often accept connections and never answer. The request goes through the ``HTTP(S)_PROXY``
+    proxies, in a daemon thread, so neither a slow name lookup nor a silent peer blocks past ``timeout``.
     """
     url = (base_url or _base_url()).rstrip("/") + "/healthz"
     if urlsplit(url).scheme not in ("http", "https"):
@@ -120,12 +105,7 @@ def server_reachable(base_url: str | None = None, timeout: float = 2.0) -> bool:
 
 
 def resolve_wandb_mode(offline: bool = False, timeout: float = 2.0) -> tuple[str | None, str | None]:
-    """Decide how a W&B run starts.
-
-    Returns:
-        ``(mode, reason)``: ``mode`` is ``"offline"`` when the run must fall back to offline mode
-        (``reason`` says why), else ``None`` (wandb decides: ``WANDB_MODE``, or online).
-    """
+    """``("offline", reason)`` when a W&B run must fall back to offline mode, else ``(None, None)`` (wandb decides)."""
     if offline or os.environ.get("WANDB_MODE", "").strip():
         return None, None
     base_url = _base_url()
@@ -139,25 +119,17 @@ def resolve_wandb_mode(offline: bool = False, timeout: float = 2.0) -> tuple[str
 class WandbLogger(_LightningWandbLogger):
     """Lightning's ``WandbLogger`` that runs offline by itself when W&B cannot be reached.
 
-    Before the run starts it looks for credentials (:func:`find_wandb_api_key`) and makes one short
-    HTTP request to the server (:func:`server_reachable`); when either fails the run is created
-    offline, with one log line saying why and how to upload it later (``wandb sync``). Checkpoint
-    uploads (``log_model``) are switched off in that case. A ``WANDB_MODE`` set by the user, or
-    ``offline=True``, is obeyed without any check (``WANDB_MODE=online`` without a key then fails
-    in ``wandb.init``, as the user asked). Only the process of global rank 0 checks
-    (other ranks never create a run).
+    On global rank 0, before the run starts, it looks for credentials (:func:`find_wandb_api_key`) and asks
+    the server (:func:`server_reachable`); when either fails the run is written offline under
+    ``{save_dir}/wandb/offline-run-*``, without checkpoint uploads, and one log line says why and how to
+    upload it (``wandb sync``). A user's ``WANDB_MODE`` or ``offline=True`` is obeyed without any check.
 
-    Each saved checkpoint's path is written to the run summary (``checkpoints/best``,
-    ``checkpoints/last``, ``checkpoints/best_score``, ``checkpoints/monitor``), uploaded or not.
+    Each saved checkpoint's path is written to the run summary (``checkpoints/best``, ``checkpoints/last``,
+    ``checkpoints/best_score``, ``checkpoints/monitor``), uploaded or not.
 
     Args:
-        name: display name of the run.
-        save_dir: folder of the local run files (``{save_dir}/wandb/``).
-        project: W&B project.
         version: id of a run to resume.
-        offline: force offline mode.
         log_model: upload checkpoints as artifacts (``True``: at the end, ``"all"``: every save).
-        prefix: prefix of every metric key.
         connect_timeout: seconds the connectivity check may take.
         **kwargs: passed on to Lightning's ``WandbLogger`` and ``wandb.init`` (``entity``, ``tags``, ``group``...).
     """
@@ -232,14 +204,9 @@ class WandbLogger(_LightningWandbLogger):
 
 
 class WandbConfig(pl.Callback):
-    """Record the resolved LightningCLI config in the W&B run's config.
+    """Put the resolved LightningCLI config (``model``, ``data``, ``trainer``, ...) into the W&B run's config.
 
-    LightningCLI's ``SaveConfigCallback`` writes the resolved config to ``config.yaml`` in the log
-    folder; this callback also puts it into the W&B run's config, under its top-level keys
-    (``model``, ``data``, ``trainer``, ``seed_everything``, ...) next to the hyperparameters Lightning
-    logs itself. (An online or synced run shows it as ``files/config.yaml``; an offline run keeps it
-    in its ``.wandb`` log.) It does nothing without a W&B logger or outside
-    LightningCLI. Checkpoint paths are recorded by :class:`skinfusion.training.wandb.WandbLogger`.
+    It does nothing without a W&B logger or outside LightningCLI.
     """
 
     def __init__(self) -> None:
@@ -267,7 +234,6 @@ class WandbConfig(pl.Callback):
 
     @rank_zero_only
     def _log_config(self, trainer: pl.Trainer) -> None:
-
         logger = find_wandb_logger(trainer)
         config = self.resolved_config(trainer) if logger is not None else None
         if config:
@@ -279,9 +245,7 @@ MASK_LABELS = {0: "background", 1: "lesion"}
 
 def find_wandb_logger(trainer: pl.Trainer) -> Any | None:
     """The trainer's first W&B logger (any subclass of Lightning's ``WandbLogger``), or ``None``."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+    return next((lg for lg in trainer.loggers if isinstance(lg, _LightningWandbLogger)), None)
 
 
 def panel_indices(dataset_size: int, num_images: int) -> list[int]:
@@ -301,11 +265,7 @@ def panel_indices(dataset_size: int, num_images: int) -> list[int]:
 
 
 def denormalize(image: Tensor, normalization: Literal["unit", "imagenet"] = "unit") -> np.ndarray:
-    """Undo the DataModule's normalisation for display.
-
-    Shape:
-        image (3,H,W) float -> uint8 array (H,W,3).
-    """
+    """Undo the DataModule's normalisation for display: image (3,H,W) float -> uint8 array (H,W,3)."""
     image = image.detach().float().cpu()
     if normalization == "imagenet":
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -316,41 +276,24 @@ def denormalize(image: Tensor, normalization: Literal["unit", "imagenet"] = "uni
     return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def _default_attention_keys(keys: Sequence[str]) -> list[str]:
-    """Skip-level and classifier maps, plus the deepest per-block encoder map (there can be dozens)."""
-    chosen = [k for k in keys if not k.startswith("encoder.")]
-    encoder = [k for k in keys if k.startswith("encoder.")]
-    return chosen + encoder[-1:]
-
-
 class WandbPanels(pl.Callback):
     """Log validation panels to Weights & Biases after every ``every_n_epochs`` validation epochs.
 
-    Logged keys (at the trainer's global step):
+    Logged keys (at the trainer's global step): ``val/panel`` (the images with ``prediction`` and
+    ``ground_truth`` mask overlays, captioned with id, true and predicted class), ``val/attention/<map>``
+    and ``val/gradcam`` (heat maps over the same images), ``val/confusion_matrix`` and ``val/per_class``
+    (precision, recall, F1 and support).
 
-    * ``val/panel``: ``num_images`` images with ``prediction`` and ``ground_truth`` mask overlays,
-      captioned with the image id, the true and the predicted class;
-    * ``val/attention/<map>``: the attention maps as heat maps over the same images;
-    * ``val/gradcam``: Grad-CAM (or Grad-CAM++) of each image's predicted class over the same images, beside
-      the attention maps (:func:`~skinfusion.inference.explain.explain`);
-    * ``val/confusion_matrix``: W&B's confusion matrix chart (from the module's ``last_confmat``);
-    * ``val/per_class``: a table of precision, recall, F1 and support per class.
-
-    The images are the same every epoch: ``num_images`` indices spread evenly over the validation
-    data set, passed through the network in eval mode by the rank-0 process alone (no collective
-    call, so nothing can deadlock under DDP). Without a W&B logger among the trainer's loggers the
-    callback does nothing (and says so once at debug level).
+    The images are the same every epoch, spread evenly over the validation set, and run through the network
+    by rank 0 alone (no collective call that could deadlock under DDP). Without a W&B logger it does nothing.
 
     Args:
-        num_images: number of validation images in the panel.
-        every_n_epochs: log every this many validation epochs.
-        attention_maps: names of the attention maps to show; ``None``: skip-level and classifier maps
-            and the deepest encoder-block map; ``[]``: none.
-        normalization: how the images were normalised; ``"auto"``: as the module's inference record says (the
-            DataModule's ``normalization``).
+        attention_maps: names of the maps to show; ``None``: skip-level and classifier maps and the deepest
+            encoder-block map; ``[]``: none.
+        normalization: how the images were normalised; ``"auto"``: as the module's inference record says.
         mask_threshold: probability above which a predicted pixel is lesion.
-        explain: ``gradcam`` or ``gradcam++`` for the ``val/gradcam`` panel, ``None``: none. A failure there
-            logs one warning and turns the panel off; it never stops training.
+        explain: ``gradcam`` or ``gradcam++`` for ``val/gradcam``, ``None``: none. A failure there logs one
+            warning and turns the panel off; it never stops training.
     """
 
     def __init__(
@@ -398,8 +341,7 @@ class WandbPanels(pl.Callback):
         if not isinstance(pl_module, SkinFusionModule):
             return
         class_names = pl_module.class_names
-        entries: dict[str, Any] = {}
-        entries.update(self._image_panels(trainer, pl_module, class_names))
+        entries: dict[str, Any] = self._image_panels(trainer, pl_module, class_names)
         confmat = pl_module.last_confmat.get("val")
         if confmat is not None and class_names:
             entries["val/confusion_matrix"] = self._confusion_chart(confmat, class_names)
@@ -410,19 +352,16 @@ class WandbPanels(pl.Callback):
             logger.experiment.log({**entries, "trainer/global_step": trainer.global_step})
 
     # ------------------------------------------------------------------ parts
-    def _dataset(self, trainer: pl.Trainer) -> Any | None:
-        loaders = trainer.val_dataloaders
-        if isinstance(loaders, Sequence) and not isinstance(loaders, torch.utils.data.DataLoader):
-            loaders = loaders[0] if loaders else None
-        return getattr(loaders, "dataset", None)
-
     @torch.no_grad()
     def _image_panels(
         self, trainer: pl.Trainer, pl_module: SkinFusionModule, class_names: list[str]
     ) -> dict[str, list[Any]]:
         import wandb
 
-        dataset = self._dataset(trainer)
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, Sequence) and not isinstance(loaders, torch.utils.data.DataLoader):
+            loaders = loaders[0] if loaders else None
+        dataset = getattr(loaders, "dataset", None)
         if dataset is None or self.num_images == 0:
             return {}
         try:
@@ -467,36 +406,33 @@ class WandbPanels(pl.Callback):
             if class_prob is not None and class_names:
                 prob, index = class_prob[k].max(0)
                 caption.append(f"pred {class_names[int(index)]} {float(prob):.2f}")
-            masks = {}
-            if mask_pred is not None:
-                masks["prediction"] = {
-                    "mask_data": mask_pred[k, 0].numpy().astype(np.uint8),
-                    "class_labels": MASK_LABELS,
-                }
+            masks = {"prediction": mask_pred[k, 0]} if mask_pred is not None else {}
             if has_mask[k]:
-                masks["ground_truth"] = {
-                    "mask_data": (batch["mask"][k, 0] > 0.5).cpu().numpy().astype(np.uint8),
-                    "class_labels": MASK_LABELS,
-                }
+                masks["ground_truth"] = (batch["mask"][k, 0] > 0.5).cpu()
+            masks = {
+                key: {"mask_data": m.numpy().astype(np.uint8), "class_labels": MASK_LABELS} for key, m in masks.items()
+            }
             panel.append(wandb.Image(image, masks=masks or None, caption=", ".join(caption)))
+
+        def heatmaps(maps: Any, captions: list[str]) -> list[Any]:
+            return [
+                wandb.Image(heatmap(image, maps[k], alpha=0.5), caption=captions[k]) for k, image in enumerate(images)
+            ]
+
         entries: dict[str, list[Any]] = {"val/panel": panel}
         attention = output.attention or {}
-        keys = _default_attention_keys(list(attention)) if self.attention_maps is None else self.attention_maps
+        keys = self.attention_maps
+        if keys is None:  # skip-level and classifier maps, and the deepest of the (many) encoder-block maps
+            keys = [k for k in attention if not k.startswith("encoder.")]
+            keys += [k for k in attention if k.startswith("encoder.")][-1:]
         for key in keys:
-            if key not in attention:
-                continue
-            entries[f"val/attention/{key}"] = [
-                wandb.Image(heatmap(image, attention[key][k, 0].float().cpu().numpy(), alpha=0.5), caption=ids[k])
-                for k, image in enumerate(images)
-            ]
+            if key in attention:
+                entries[f"val/attention/{key}"] = heatmaps(attention[key][:, 0].float().cpu().numpy(), ids)
         if self.explain is not None and class_prob is not None:
             cams = self._gradcam(net, batch, dtype)
             if cams is not None:
                 top = class_prob.argmax(1).tolist()
-                entries["val/gradcam"] = [
-                    wandb.Image(heatmap(image, cams[k], alpha=0.5), caption=f"{ids[k]}: {class_names[top[k]]}")
-                    for k, image in enumerate(images)
-                ]
+                entries["val/gradcam"] = heatmaps(cams, [f"{ids[k]}: {class_names[top[k]]}" for k in range(len(ids))])
         return entries
 
     def _gradcam(self, net: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> np.ndarray | None:
@@ -507,10 +443,7 @@ class WandbPanels(pl.Callback):
         try:
             with torch.enable_grad():
                 return explain(
-                    net,
-                    batch["image"].to(dtype),
-                    self.explain,
-                    meta=None if meta is None else meta.to(dtype),
+                    net, batch["image"].to(dtype), self.explain, meta=None if meta is None else meta.to(dtype)
                 )
         except Exception as error:  # an optional panel: say why once, go on training
             log.warning("WandbPanels: no %s panel (%s: %s); turned off", self.explain, type(error).__name__, error)
@@ -522,11 +455,8 @@ class WandbPanels(pl.Callback):
         import wandb
 
         counts = confmat.detach().cpu().long()
-        y_true, preds = [], []
-        for i in range(counts.shape[0]):
-            for j in range(counts.shape[1]):
-                y_true += [i] * int(counts[i, j])
-                preds += [j] * int(counts[i, j])
+        cells = torch.arange(counts.numel()).repeat_interleave(counts.flatten())  # a cell index per sample
+        y_true, preds = (cells // counts.shape[1]).tolist(), (cells % counts.shape[1]).tolist()
         return wandb.plot.confusion_matrix(
             y_true=y_true, preds=preds, class_names=class_names, title="Validation confusion matrix"
         )
