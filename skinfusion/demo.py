@@ -1,26 +1,16 @@
 """A web demo of a trained model (``skinfusion demo``), built with Gradio.
 
-Upload a dermoscopic image (or pick one of the synthetic examples) and see
+Upload a dermoscopic image (or pick a synthetic example) and see the predicted lesion contour, a heat map
+(the network's attention map, or Grad-CAM / Grad-CAM++ of the most probable class, stretched over the
+image), the class probabilities, and the lesion mask with a download in the ISIC Task 1 format. Files that
+are not images, or are over the byte or pixel limit, get a message in the page; no input makes the app fail.
 
-* the predicted lesion contour drawn on the image,
-* a heat map of where the network looked: its own spatial attention map, or Grad-CAM / Grad-CAM++ of
-  the most probable class (:func:`skinfusion.inference.explain.explain`), stretched from the network's
-  input back to the image's own size and shape,
-* the class probabilities as bars,
-* the lesion mask, with a download of it in the ISIC Task 1 format (8-bit PNG, values {0,255},
-  the image's original size, named ``<image id>_segmentation.png``).
+Without ``--ckpt`` the demo first trains a toy model: a tiny network fitted on synthetic lesions, cached
+under ``$SKINFUSION_CACHE`` (default ``~/.cache/skinfusion``) so that later starts load it at once. It
+knows nothing about real skin, and the page says so.
 
-Files that are not images, or that are larger than the byte or pixel limit, get a message in the
-page; no input makes the app fail.
-
-Without ``--ckpt`` the demo trains a toy model first: a tiny network fitted on synthetic lesions
-for a few hundred steps (the README gives the measured time), cached under ``$SKINFUSION_CACHE``
-(default ``~/.cache/skinfusion``) so that later starts load it at once. It exists so that the app
-can be tried on a fresh machine; it knows nothing about real skin, and the page says so.
-
-Gradio is an optional dependency: ``pip install "skinfusion[demo]"``. :func:`build_demo` makes the
-app from a :class:`~skinfusion.Predictor` without starting it (tests start it on a free port);
-:func:`launch` starts it.
+Gradio is an optional dependency: ``pip install "skinfusion[demo]"``. :func:`build_demo` makes the app
+from a :class:`~skinfusion.Predictor` without starting it; :func:`launch` starts it.
 """
 
 from __future__ import annotations
@@ -85,6 +75,7 @@ _METHOD_LABELS = {"attention": "attention map", "gradcam": "Grad-CAM", "gradcam+
 _INSTALL_HINT = 'The web demo needs Gradio, an optional extra: pip install "skinfusion[demo]"'
 _PROMPT = "Upload a dermoscopic image (JPEG, PNG, BMP, TIFF or WebP) or pick an example."
 _DISCLAIMER = "Research software: not a medical device, not for clinical decisions."
+_ERROR_STYLE = "color:#8a1c1c;background:#fdecea;border:1px solid #f5c2c0;padding:8px 12px;border-radius:6px"
 
 
 def require_gradio() -> Any:
@@ -95,10 +86,6 @@ def require_gradio() -> Any:
         raise ImportError(f"{_INSTALL_HINT} (import failed: {error})") from error
     return gradio
 
-
-# ---------------------------------------------------------------------------------------------
-# The toy model and the examples
-# ---------------------------------------------------------------------------------------------
 
 #: How the toy model is made; part of its cache key, so a change here trains a new one.
 TOY_CONFIG: dict[str, Any] = {
@@ -119,7 +106,7 @@ TOY_CONFIG: dict[str, Any] = {
         "num_workers": 0,
         "seed": 0,
     },
-    "steps": 300,
+    "steps": 80,
     "lr": 0.003,
 }
 
@@ -153,14 +140,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SKINFUSION_CACHE", "~/.cache/skinfusion")).expanduser()
 
 
-def _toy_key(config: dict[str, Any]) -> str:
-    import skinfusion
-    from skinfusion.data.synthetic import SYNTHETIC_VERSION
-
-    text = json.dumps([config, skinfusion.__version__, SYNTHETIC_VERSION], sort_keys=True, default=list)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def toy_model(cache: str | Path | None = None, config: dict[str, Any] | None = None) -> ToyModel:
     """The toy model's checkpoint: loaded from the cache, or trained on synthetic lesions and cached.
 
@@ -168,14 +147,14 @@ def toy_model(cache: str | Path | None = None, config: dict[str, Any] | None = N
         cache: cache folder (default :func:`cache_dir`); the model goes to ``demo/toy-<key>.ckpt``,
             where the key hashes ``config``, the skinfusion version and the synthetic-data version.
         config: overrides of :data:`TOY_CONFIG` (``net`` and ``data`` merged key by key; ``steps``, ``lr``).
-
-    Returns:
-        The checkpoint and its description.
     """
+    import skinfusion
+    from skinfusion.data.synthetic import SYNTHETIC_VERSION
+
     base = TOY_CONFIG if config is None else _merge(TOY_CONFIG, config)
-    folder = Path(cache).expanduser() if cache is not None else cache_dir()
-    folder = folder / "demo"
-    key = _toy_key(base)
+    folder = (Path(cache).expanduser() if cache is not None else cache_dir()) / "demo"
+    text = json.dumps([base, skinfusion.__version__, SYNTHETIC_VERSION], sort_keys=True, default=list)
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = folder / f"toy-{key}.ckpt"
     info_path = folder / f"toy-{key}.json"
     if path.is_file() and info_path.is_file():
@@ -206,34 +185,31 @@ def _train_toy(config: dict[str, Any], path: Path, data_root: Path) -> dict[str,
     import torch
 
     from skinfusion import SkinFusionDataModule, SkinFusionModule, SkinFusionNet
+    from skinfusion.training.schedule import WarmupCosine
 
     pl.seed_everything(int(config["data"].get("seed", 0)), verbose=False)
     data = SkinFusionDataModule(root=str(data_root), **config["data"])
     net = SkinFusionNet(num_classes=data.num_classes, **config["net"])
     optimizer = functools.partial(torch.optim.AdamW, lr=config["lr"], weight_decay=1e-4)
-    module = SkinFusionModule(net, optimizer=optimizer, class_names=list(data.class_names), train_metrics=False)
+    module = SkinFusionModule(  # a short run ends well with the learning rate decayed
+        net, optimizer=optimizer, scheduler=WarmupCosine, class_names=list(data.class_names), train_metrics=False
+    )
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    cpu = {"accelerator": "cpu", "devices": 1, **quiet}
     trainer = pl.Trainer(
-        max_steps=config["steps"],
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        **quiet,
+        max_steps=config["steps"], enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, **cpu
     )
     trainer.fit(module, datamodule=data)
     with atomic_path(path, fsync=True) as tmp:
         trainer.save_checkpoint(tmp, weights_only=True)
-    results = pl.Trainer(accelerator="cpu", devices=1, **quiet).validate(module, datamodule=data, verbose=False)
+    results = pl.Trainer(**cpu).validate(module, datamodule=data, verbose=False)
     return {k: float(v) for k, v in (results[0] if results else {}).items() if k in dict(_TOY_SCORES)}
 
 
 def demo_examples(folder: str | Path | None = None, size: int = 256) -> list[Path]:
     """Write (once) and return the demo's example images: one synthetic lesion per class shown.
 
-    The examples are rendered by :func:`skinfusion.data.synthetic.make_lesion`, so the package ships no
-    image data (the real ISIC images are CC BY-NC and may not be redistributed inside a package).
+    Synthetic, so that the package ships no image data (the ISIC images are CC BY-NC).
     """
     from PIL import Image
 
@@ -251,11 +227,6 @@ def demo_examples(folder: str | Path | None = None, size: int = 256) -> list[Pat
                 Image.fromarray(image).save(tmp, format="PNG")
         paths.append(path)
     return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# One analysis
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -276,17 +247,10 @@ def heat_map(
 ) -> np.ndarray:
     """The heat map of ``method`` for one prediction: (height, width) float32 in [0, 1].
 
-    The image is prepared again as the predictor prepares its inputs (its input size and normalisation, and
-    the record's metadata for a network with a metadata branch), :func:`~skinfusion.inference.explain.explain`
-    computes the map at the network's input resolution, and the map is stretched (bilinearly) to ``size``:
-    the network's square input covers the whole image, so this puts every value back over the pixels it
-    came from. Grad-CAM and Grad-CAM++ explain the prediction's most probable class.
-
-    Args:
-        predictor: the model that made ``prediction``.
-        prediction: one result of ``predictor.predict_paths``.
-        method: one of :data:`HEAT_MAP_METHODS`.
-        size: ``(width, height)`` of the map returned; default the image's original size.
+    :func:`~skinfusion.inference.explain.explain` of the image prepared as ``predictor`` prepares its inputs,
+    at the network's input resolution, stretched bilinearly to ``size`` (``(width, height)``; default the
+    image's original size): the network's square input covers the whole image. Grad-CAM and Grad-CAM++
+    explain the prediction's most probable class.
 
     Raises:
         ValueError: a method the demo does not offer, or one this network cannot give (``attention`` from a
@@ -294,23 +258,19 @@ def heat_map(
         ImportError: Grad-CAM without ``pytorch-grad-cam`` (the ``grad-cam`` package) installed.
     """
     import cv2
-    import torch
 
-    from skinfusion.data.imageio import read_image
-    from skinfusion.data.transforms import build_transforms
+    from skinfusion.data.records import Record
     from skinfusion.inference.explain import explain
+    from skinfusion.inference.predictor import _ImageDataset  # the predictor's own input preparation
 
     if method not in HEAT_MAP_METHODS:
         raise ValueError(f"unknown heat-map method {method!r}; choose from {list(HEAT_MAP_METHODS)}")
-    rgb = read_image(prediction.image, max_side=predictor.image_size, side="shortest")
-    transform = build_transforms("predict", image_size=predictor.image_size, normalization=predictor.normalization)
-    image = transform(image=rgb)["image"][None].to(predictor.device)
-    meta = None
-    if predictor.meta_dim:
-        from skinfusion.data.dataset import encode_metadata
-
-        record_meta = prediction.record.meta if prediction.record is not None else {}
-        meta = torch.from_numpy(encode_metadata(record_meta))[None].to(predictor.device)
+    record = prediction.record or Record(image=prediction.image)
+    item = _ImageDataset([record], predictor.image_size, predictor.normalization, meta=predictor.meta_dim > 0)[0]
+    if "error" in item:
+        raise item["error"]
+    image = item["image"][None].to(predictor.device)
+    meta = item["meta"][None].to(predictor.device) if predictor.meta_dim else None
     classes = None if prediction.probabilities is None else [int(np.argmax(prediction.probabilities))]
     heat = explain(predictor.net, image, method, classes=classes, meta=meta)[0]
     width, height = size if size is not None else prediction.size
@@ -325,20 +285,14 @@ def analyse(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Analysis:
-    """Predict one uploaded file and prepare everything the page shows; never raises for bad input.
+    """Predict one uploaded file (``None``: nothing uploaded) and prepare what the page shows; never raises.
 
-    Args:
-        predictor: the model.
-        path: the uploaded file (``None``: nothing uploaded).
-        method: heat-map method (one of :data:`HEAT_MAP_METHODS`).
-        out_dir: folder for the mask download (a fresh temporary folder by default).
-        max_bytes: largest accepted file size.
-        max_pixels: largest accepted image (width x height, read from the header).
-
-    Returns:
-        An :class:`Analysis`; ``error`` holds a message for the user when the input is unusable. A heat map the
-        model cannot give leaves ``heat`` empty and says why in the summary; the other results stay.
+    ``out_dir`` is the folder for the mask download (default: a fresh temporary folder); ``max_pixels`` limits
+    width x height, read from the header. The result's ``error`` holds a message for the user when the input is
+    unusable. A heat map the model cannot give leaves ``heat`` empty and says why in the summary.
     """
+    import cv2
+
     from skinfusion.data.imageio import image_size, read_image
     from skinfusion.errors import DataError
     from skinfusion.inference.overlay import heatmap, render_overlay
@@ -393,38 +347,19 @@ def analyse(
         result.mask_file = out / mask_filename(prediction.id)
         write_mask(result.mask_file, prediction.mask)
         preview = np.where(prediction.mask, 255, 0).astype(np.uint8)
-        result.mask_preview = _fit(preview, image.shape[1], image.shape[0])
+        result.mask_preview = cv2.resize(preview, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
         lines.append(f"lesion covers {prediction.mask_area:.1%} of the image")
     else:
         lines.append("this model has no segmentation head")
     top = None
     if prediction.probabilities is not None:
-        result.probabilities = {
-            n: float(p) for n, p in zip(prediction.class_names, prediction.probabilities, strict=True)
-        }
+        result.probabilities = dict(zip(prediction.class_names, map(float, prediction.probabilities), strict=True))
         top, prob = prediction.top_k(1)[0]
         lines.append(f"most probable: {top} ({prob:.0%})")
-    if heat is None:
-        lines.append(heat_note)
-    elif method != "attention" and top is not None:
-        lines.append(f"heat map: {label} of {top}")
-    else:
-        lines.append(f"heat map: {label}")
+    of_top = f" of {top}" if method != "attention" and top is not None else ""
+    lines.append(heat_note if heat is None else f"heat map: {label}{of_top}")
     result.summary = " · ".join(lines)
     return result
-
-
-def _fit(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    import cv2
-
-    if array.shape[:2] == (height, width):
-        return array
-    return cv2.resize(array, (width, height), interpolation=cv2.INTER_NEAREST)
-
-
-# ---------------------------------------------------------------------------------------------
-# The app
-# ---------------------------------------------------------------------------------------------
 
 
 def build_demo(
@@ -442,7 +377,6 @@ def build_demo(
         model_info: Markdown describing the model, shown at the top (e.g. :meth:`ToyModel.describe`).
         examples: example image files offered below the upload.
         max_bytes: largest accepted upload in bytes (pass the same to ``launch(max_file_size=...)``).
-        max_pixels: largest accepted image in pixels.
 
     Raises:
         ImportError: Gradio is not installed (the message says how to install it).
@@ -500,9 +434,8 @@ def build_demo(
                     )
                     download = gr.File(label="Mask (ISIC format)", interactive=False, elem_id="sf-download")
         outputs = [status, contour, heat, mask, probabilities, download]
-        for trigger in (upload.change, button.click):
+        for trigger in (upload.change, button.click, method.change):
             trigger(run, inputs=[upload, method], outputs=outputs)
-        method.change(run, inputs=[upload, method], outputs=outputs)
     return demo
 
 
@@ -510,8 +443,7 @@ def _escape(text: str) -> str:
     import html
     import re
 
-    escaped = html.escape(text)
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)  # the summary's bold image id
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))  # the summary's bold image id
 
 
 def _forget_old(work: Path, age_s: float = 3600.0) -> None:
@@ -563,14 +495,6 @@ def launch(
     return demo
 
 
-_ERROR_STYLE = "color:#8a1c1c;background:#fdecea;border:1px solid #f5c2c0;padding:8px 12px;border-radius:6px"
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skinfusion demo",
@@ -593,11 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo_main(argv: Sequence[str] | None = None) -> None:
-    """``skinfusion demo``: start the web demo and serve until interrupted.
-
-    Raises:
-        SystemExit: status 1, after a message on stderr saying how to install it, when Gradio is missing.
-    """
+    """``skinfusion demo``: serve the web demo until interrupted; exits with status 1 when Gradio is missing."""
     args = build_parser().parse_args(argv)
     try:
         require_gradio()

@@ -1,15 +1,13 @@
 """Explanations of a diagnosis: the network's own attention maps, or Grad-CAM / Grad-CAM++ of a class.
 
 Grad-CAM weighs the final encoder features by the gradient of a class logit (Selvaraju et al., ICCV 2017;
-Grad-CAM++: Chattopadhay et al., WACV 2018); the computation is ``pytorch-grad-cam``'s (jacobgil), run on the
-deepest encoder stage, whose features feed both the classifier and, through the decoder and the fusion, the
-lesion estimate the classifier may pool over. Attention maps are the spatial maps the network returns with
-every forward (the paper's interpretability argument); ``attention`` picks the classifier's map when there is
-one, else the deepest skip map.
+Grad-CAM++: Chattopadhay et al., WACV 2018); the computation is ``pytorch-grad-cam``'s, run on the deepest
+encoder stage, whose features feed both the classifier and, through the decoder and the fusion, the lesion
+estimate the classifier may pool over. ``attention`` shows a map the network returns with every forward
+(:func:`pick_attention`).
 
 :func:`lesion_focus` measures whether a map looks at the lesion: the share of its mass inside the true mask
-and whether its maximum lies inside (the pointing game, Zhang et al., ECCV 2016), against a uniform map, whose
-mass inside equals the share of the image the lesion covers.
+and whether its maximum lies inside (the pointing game, Zhang et al., ECCV 2016), against a uniform map.
 """
 
 from __future__ import annotations
@@ -58,7 +56,13 @@ def gradcam_layer(net: nn.Module) -> nn.Module:
 
 
 def pick_attention(attention: Mapping[str, np.ndarray | Tensor], name: str | None = None):
-    """The attention map to show: ``name``, else the classifier's, else the deepest skip or encoder map."""
+    """The attention map ``name`` (default: the classifier's, else an encoder block's, else the deepest skip map).
+
+    The encoder block map is the one of the highest block index. ``None`` when the network returns no map.
+
+    Raises:
+        ValueError: no map ``name``.
+    """
     if not attention:
         return None
     if name is not None:
@@ -87,7 +91,6 @@ def explain(
     Args:
         net: a :class:`~skinfusion.nn.SkinFusionNet` (any network with its ``encoder.model`` and output).
         image: (B,3,H,W) normalised input, on the network's device.
-        method: ``attention``, ``gradcam`` or ``gradcam++``.
         classes: the class explained per image (Grad-CAM); default the top class of each.
         meta: the encoded metadata, for a network with a metadata branch.
 
@@ -168,18 +171,12 @@ def measure_lesion_focus(
     """Do the maps look at the lesion? :func:`lesion_focus` of every map, averaged over the images with a mask.
 
     Each map is compared at the network's input resolution with the true mask resized to it (nearest), the way
-    the image itself was resized. ``attention`` stands for every attention map the network returns; ``gradcam``
-    / ``gradcam++`` explain the predicted class. A ``uniform`` row gives what a map that looks everywhere
-    scores: its mass inside is the lesion's share of the image, and so is its expected pointing-game hit rate.
-
-    Args:
-        predictor: a :class:`~skinfusion.inference.predictor.Predictor`.
-        records: records with a ``mask`` (others are skipped).
-        methods: ``attention`` and/or Grad-CAM methods.
-        examples: overlays returned for the first images (image, true contour, Grad-CAM or attention heat).
+    the image itself was resized. ``attention`` in ``methods`` stands for every attention map the network returns;
+    ``gradcam`` / ``gradcam++`` explain the predicted class. A ``uniform`` row gives what a map that looks
+    everywhere scores: its mass inside, and its expected pointing-game hit rate, are the lesion's share of the image.
 
     Returns:
-        ``({map: {"mass_inside", "pointing_game", "images"}}, [overlay images])``.
+        ``({map: {"mass_inside", "pointing_game", "images"}}, [overlays of the first ``examples`` images])``.
     """
     import copy
 
@@ -193,23 +190,10 @@ def measure_lesion_focus(
         raise ValueError(f"unknown explanation {unknown}; choose from {list(EXPLAIN_METHODS)}")
     cams = [m for m in methods if m != "attention"]
     records = [r for r in records if r.mask is not None]
-    sums: dict[str, list[float]] = {}
-    overlays: list[np.ndarray] = []
-
-    def add(name: str, heat: np.ndarray, truth: np.ndarray) -> None:
-        focus = lesion_focus(heat, truth)
-        total = sums.setdefault(name, [0.0, 0.0, 0.0])
-        total[0] += focus["mass_inside"]
-        total[1] += focus["pointing_hit"]
-        total[2] += 1
-
-    runs = []
-    for method in cams or [None]:
+    heats: dict[str, dict[str, np.ndarray]] = {}
+    for method in cams or [None]:  # one prediction run per Grad-CAM method; each also gives the attention maps
         run = copy.copy(predictor)
         run.explain = method
-        runs.append(run)
-    heats: dict[str, dict[str, np.ndarray]] = {}
-    for run in runs:
         for prediction in run.predict_records(records):
             maps = heats.setdefault(prediction.id, {})
             if prediction.heat is not None:
@@ -219,36 +203,29 @@ def measure_lesion_focus(
     if "attention" in methods and not any(k.startswith("attention") for m in heats.values() for k in m):
         raise ValueError("this network returns no attention map (attention is off): measure gradcam only")
     size = predictor.image_size
+    sums: dict[str, np.ndarray] = {}
+    overlays: list[np.ndarray] = []
     for record in records:
         maps = heats.get(record.id)
         if not maps:
             continue
-        truth = cv2.resize(read_mask(record.mask).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-        truth = truth.astype(bool)
-        add("uniform", np.ones(truth.shape, np.float32), truth)
-        for name, heat in maps.items():
+        mask = read_mask(record.mask).astype(bool)
+        truth = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+        for name, heat in {"uniform": np.ones(truth.shape, np.float32), **maps}.items():
             if heat.shape != truth.shape:
                 heat = cv2.resize(np.asarray(heat, np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-            add(name, heat, truth)
+            focus = lesion_focus(heat, truth)
+            sums[name] = sums.get(name, 0.0) + np.array([focus["mass_inside"], focus["pointing_hit"], 1.0])
         if len(overlays) < examples:
             name = next((m for m in cams if m in maps), sorted(maps)[-1])
-            image = read_image(record.image)
-            heat = maps[name]
             lines = [f"{record.id}: {name}", "green: true lesion"]
+            image = read_image(record.image)
             overlays.append(
-                render_overlay(
-                    image,
-                    None,
-                    heat,
-                    lines,
-                    extra_mask=read_mask(record.mask).astype(bool),
-                    extra_color=(0, 255, 0),
-                    alpha=0.45,
-                )
+                render_overlay(image, None, maps[name], lines, extra_mask=mask, extra_color=(0, 255, 0), alpha=0.45)
             )
     table = {}
     for name, (mass, hits, n) in sums.items():
         # A uniform map's argmax is arbitrary: its expected hit rate is the lesion's share, like its mass.
         hit_rate = mass / n if name == "uniform" else hits / n
-        table[name] = {"mass_inside": mass / n, "pointing_game": hit_rate, "images": int(n)}
+        table[name] = {"mass_inside": float(mass / n), "pointing_game": float(hit_rate), "images": int(n)}
     return table, overlays

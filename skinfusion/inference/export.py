@@ -1,23 +1,19 @@
 """Export a trained network to ONNX, TorchScript, safetensors or the Hugging Face layout (``skinfusion export``).
 
-Every file carries the model's :class:`~skinfusion.io.InferenceSettings` (network config, class names, input
-size and normalisation) as metadata: ONNX ``metadata_props``, the TorchScript extra file ``skinfusion.json``,
-the safetensors header. Every file is written atomically (:func:`skinfusion.io.atomic_path`).
+Every file carries the model's :class:`~skinfusion.io.InferenceSettings` as metadata (ONNX ``metadata_props``,
+the TorchScript extra file ``skinfusion.json``, the safetensors header) and is written atomically.
 
-* **ONNX** (opset >= 17, default 18): input ``image`` (B,C,S,S) (and ``meta`` (B,M) for a network
-  with a metadata branch), batch axis dynamic; outputs ``mask_logits`` (B,1,S,S), ``class_logits``
-  (B,K) and one ``attn/<name>`` (B,1,h,w) per spatial attention map (``attn/skip.4``,
-  ``attn/classifier``...), in that order; disabled parts are left out. Uses PyTorch's
-  ``torch.export``-based exporter (needs ``onnxscript``); without it, the legacy TorchScript-based
-  exporter is tried.
+* **ONNX** (opset >= 17, default 18): input ``image`` (B,C,S,S) (and ``meta`` (B,M) for a network with a
+  metadata branch), batch axis dynamic; outputs ``mask_logits`` (B,1,S,S), ``class_logits`` (B,K) and one
+  ``attn/<name>`` (B,1,h,w) per spatial attention map, in that order; disabled parts are left out. Uses the
+  ``torch.export``-based exporter (needs ``onnxscript``), else the legacy TorchScript-based one.
 * **TorchScript**: ``torch.jit.trace`` of a wrapper returning the same tuple; ``skinfusion.json`` also
   holds the ``output_names``.
-* **safetensors**: the network's state dict (``format`` = ``skinfusion.net``); :func:`load_safetensors_export`
-  rebuilds the network from it, and :class:`~skinfusion.inference.predictor.Predictor` takes such a file.
-* **hf**: a folder with ``config.json`` (the record), ``model.safetensors`` and a ``README.md`` model card
-  (:meth:`SkinFusionNet.save_pretrained <skinfusion.nn.hub.SkinFusionHubMixin.save_pretrained>`; ``--metrics``
-  puts a ``skinfusion evaluate`` ``metrics.json`` on the card); ``from_pretrained``, ``push_to_hub``, the
-  Predictor and every ``--ckpt`` take it.
+* **safetensors**: the state dict (``format`` = ``skinfusion.net``), read back by :func:`load_safetensors_export`.
+* **hf**: a ``save_pretrained`` folder (``config.json``, ``model.safetensors``, a ``README.md`` model card with
+  the ``--metrics`` of ``skinfusion evaluate``).
+
+The Predictor and every ``--ckpt`` take a safetensors export or an hf folder.
 """
 
 from __future__ import annotations
@@ -56,18 +52,13 @@ MIN_OPSET = 17
 DEFAULT_OPSET = 18
 
 
-def _sanitize(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
-
-
 class ExportWrapper(nn.Module):
     """Wrap a network so that its output is a flat tuple of tensors (what exporters and tracers need).
 
     Args:
         net: a network returning :class:`~skinfusion.nn.output.SkinFusionOutput`.
         attention_names: attention maps to output, in order (from :func:`output_names`).
-        has_mask: output ``mask_logits``.
-        has_class: output ``class_logits``.
+        has_mask, has_class: output ``mask_logits``, ``class_logits``.
 
     Shape:
         forward: image (B,3,S,S)[, meta (B,M)] -> (mask_logits (B,1,S,S), class_logits (B,K), *maps (B,1,h,w)).
@@ -91,14 +82,6 @@ class ExportWrapper(nn.Module):
         return tuple(outputs)
 
 
-def _example_inputs(net: SkinFusionNet, image_size: int, batch_size: int) -> tuple[Tensor, ...]:
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(batch_size, net.in_chans, image_size, image_size, generator=generator)
-    if net.meta_dim:
-        return image, torch.rand(batch_size, net.meta_dim, generator=generator)
-    return (image,)
-
-
 def _settings(net: SkinFusionNet, settings: InferenceSettings | None) -> InferenceSettings:
     """The record to write: the given one, else the network's own with the default input settings."""
     from skinfusion.data.records import ISIC_CLASSES
@@ -107,18 +90,18 @@ def _settings(net: SkinFusionNet, settings: InferenceSettings | None) -> Inferen
 
 
 def _wrap(net: SkinFusionNet, image_size: int, batch_size: int) -> tuple[ExportWrapper, tuple[Tensor, ...], list[str]]:
+    """The wrapper to export, a seeded example input (image[, meta]) and the output names."""
     net = net.eval()
-    inputs = _example_inputs(net, image_size, batch_size)
+    generator = torch.Generator().manual_seed(0)
+    inputs: tuple[Tensor, ...] = (torch.randn(batch_size, net.in_chans, image_size, image_size, generator=generator),)
+    if net.meta_dim:
+        inputs += (torch.rand(batch_size, net.meta_dim, generator=generator),)
     with torch.no_grad():
         probe = net(*inputs)
-    attention_names = list(probe.attention)
-    names = []
-    if probe.mask_logits is not None:
-        names.append("mask_logits")
-    if probe.class_logits is not None:
-        names.append("class_logits")
-    names.extend(f"attn/{_sanitize(name)}" for name in attention_names)
-    wrapper = ExportWrapper(net, attention_names, probe.mask_logits is not None, probe.class_logits is not None)
+    parts = {"mask_logits": probe.mask_logits, "class_logits": probe.class_logits}
+    names = [name for name, value in parts.items() if value is not None]
+    names += ["attn/" + re.sub(r"[^A-Za-z0-9_.\-]", "_", name) for name in probe.attention]
+    wrapper = ExportWrapper(net, list(probe.attention), "mask_logits" in names, "class_logits" in names)
     return wrapper.eval(), inputs, names
 
 
@@ -138,10 +121,9 @@ def export_onnx(
 
     Args:
         net: the network (put in eval mode).
-        path: output ``.onnx`` file (written atomically, weights inside the file).
+        path: output ``.onnx`` file (weights inside the file).
         settings: the record to store; its ``image_size`` is the input side S (height and width are fixed to it).
             Default: the network's config, 224 px, ``imagenet`` normalisation.
-        opset: ONNX opset version, at least 17.
         batch_size: batch of the example input used for tracing (any batch runs afterwards).
 
     Returns:
@@ -155,6 +137,7 @@ def export_onnx(
     settings = _settings(net, settings)
     wrapper, inputs, names = _wrap(net, settings.image_size, batch_size)
     input_names = ["image", "meta"][: len(inputs)]
+    common = {"input_names": input_names, "output_names": names, "opset_version": opset}
     try:
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
 
@@ -167,33 +150,16 @@ def export_onnx(
         warnings.simplefilter("ignore")
         if dynamo:
             batch = torch.export.Dim("batch", min=1, max=4096)
-            dynamic_shapes = {name: {0: batch} for name in input_names}
+            shapes = {name: {0: batch} for name in input_names}
             program = torch.onnx.export(
-                wrapper,
-                inputs,
-                dynamo=True,
-                input_names=input_names,
-                output_names=names,
-                opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
-                external_data=False,
-                verbose=False,
+                wrapper, inputs, dynamo=True, dynamic_shapes=shapes, external_data=False, verbose=False, **common
             )
             program.model.metadata_props.update(settings.to_metadata())
             program.save(str(tmp), external_data=False)
         else:
             axes = {name: {0: "batch"} for name in [*input_names, *names]}
             try:
-                torch.onnx.export(
-                    wrapper,
-                    inputs,
-                    str(tmp),
-                    dynamo=False,
-                    input_names=input_names,
-                    output_names=names,
-                    opset_version=opset,
-                    dynamic_axes=axes,
-                )
+                torch.onnx.export(wrapper, inputs, str(tmp), dynamo=False, dynamic_axes=axes, **common)
             except Exception as error:
                 raise RuntimeError(
                     "the legacy ONNX exporter failed on this network (dynamic shapes such as mask_pool fusion "
@@ -230,11 +196,7 @@ def export_torchscript(
 def export_safetensors(
     net: SkinFusionNet, path: str | Path, settings: InferenceSettings | None = None
 ) -> dict[str, str]:
-    """Save the network's weights as safetensors, with the record (``settings`` as in :func:`export_onnx`).
-
-    Returns:
-        The metadata written (all values are strings, JSON).
-    """
+    """Save the weights and the record (``settings`` as in :func:`export_onnx`) as safetensors; returns the metadata."""
     from skinfusion.io import save_safetensors
 
     metadata = {"format": "skinfusion.net", **_settings(net, settings).to_metadata()}
@@ -243,10 +205,7 @@ def export_safetensors(
 
 
 def load_safetensors_export(path: str | Path, map_location: str = "cpu") -> tuple[SkinFusionNet, InferenceSettings]:
-    """Rebuild the network saved by :func:`export_safetensors`.
-
-    Returns:
-        ``(net in eval mode, its record)``.
+    """Rebuild the network saved by :func:`export_safetensors`: ``(net in eval mode, its record)``.
 
     Raises:
         WeightsError: the file is not a skinfusion export or its weights do not fit the config.
@@ -322,10 +281,7 @@ def verify_export(path: str | Path, net: SkinFusionNet, image_size: int, batch_s
 
 
 def export_main(argv: Sequence[str] | None = None) -> Path:
-    """``skinfusion export``: load a checkpoint safely and write the chosen format.
-
-    Returns:
-        The written file (folder for ``--format hf``).
+    """``skinfusion export``: write the chosen format; returns the file (folder for ``--format hf``).
 
     Raises:
         SystemExit: when verification finds an output differing by more than 1e-3.
@@ -339,21 +295,19 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     if args.metrics and args.format != "hf":
         parser.error("--metrics fills the model card of --format hf only")
     net, settings = load_model(args.ckpt)
-    if args.image_size:
-        with config_errors():
-            settings = replace(settings, image_size=args.image_size)
-    image_size = settings.image_size
+    names: list[str] = []
     with config_errors():
+        if args.image_size:
+            settings = replace(settings, image_size=args.image_size)
         if args.format == "onnx":
             names = export_onnx(net, args.out, settings, opset=args.opset, batch_size=args.batch_size)
         elif args.format == "torchscript":
             names = export_torchscript(net, args.out, settings, batch_size=args.batch_size)
         elif args.format == "safetensors":
             export_safetensors(net, args.out, settings)
-            names = []
         else:
             net.save_pretrained(args.out, settings=settings, metrics=args.metrics)
-            names = []
+    image_size = settings.image_size
     print(f"wrote {args.out} ({args.format}, input {image_size}x{image_size})")
     if names:
         print("outputs: " + ", ".join(names))

@@ -52,12 +52,7 @@ def collect_records(
       columns are used instead of its resized cache files);
     * a :class:`Record`.
 
-    Args:
-        sources: one source or several.
-        subset: ISIC subset (``"Training"``, ``"Validation"``, ``"Test"``) when a folder holds several.
-
-    Returns:
-        Records, one per image.
+    ``subset`` chooses the ISIC subset (``"Training"``, ``"Validation"``, ``"Test"``) when a folder holds several.
 
     Raises:
         DataError: a missing path, an ISIC folder with several subsets and no ``subset``, or two
@@ -85,12 +80,8 @@ def collect_records(
                 name = subset if subset is not None else next(iter(subsets))
                 if name not in subsets:
                     raise DataError(path, f"no ISIC subset {name!r}; found {sorted(subsets)}")
-                parts = []
-                if "task1" in subsets[name]:
-                    parts.append(create_reader("isic_task1", path, subset=name).read())
-                if "task3" in subsets[name]:
-                    parts.append(create_reader("isic_task3", path, subset=name).read())
-                records.extend(combine(*parts))
+                tasks = [task for task in ("task1", "task3") if task in subsets[name]]
+                records.extend(combine(*(create_reader(f"isic_{task}", path, subset=name).read() for task in tasks)))
             else:
                 files = _image_files(path)
                 if not files:

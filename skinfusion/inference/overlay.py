@@ -14,17 +14,6 @@ if TYPE_CHECKING:
 __all__ = ["heatmap", "prediction_overlay", "render_overlay"]
 
 
-def _pick_attention(attention: dict[str, np.ndarray], name: str | None) -> np.ndarray | None:
-    if not attention:
-        return None
-    if name is not None:
-        if name not in attention:
-            raise ValueError(f"no attention map {name!r}; this network has {list(attention)}")
-        return attention[name]
-    # the classifier's map explains the diagnosis; otherwise the deepest (last) one
-    return attention.get("classifier", attention[list(attention)[-1]])
-
-
 def heatmap(image: np.ndarray, attention: np.ndarray, alpha: float = 0.35) -> np.ndarray:
     """Blend an attention map over an image as a heat map: upsampled bilinearly, min-max scaled, JET colours.
 
@@ -92,22 +81,14 @@ def render_overlay(
     return np.concatenate([canvas, strip], axis=0)
 
 
-def _downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    height, width = image.shape[:2]
-    if max_side is None or max(height, width) <= max_side:
-        return image
-    scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
 def prediction_overlay(
     prediction: Prediction, attention_map: str | None = None, max_side: int | None = None, alpha: float = 0.35
 ) -> np.ndarray:
     """The overlay image of one :class:`Prediction` (re-reads its image file)."""
     from skinfusion.data.imageio import read_image
+    from skinfusion.inference.explain import pick_attention
 
-    image = _downscale(read_image(prediction.image, max_side=max_side), max_side)
+    image = read_image(prediction.image, max_side=max_side)  # longest side at most max_side
     lines = [f"{name} {prob:.1%}" for name, prob in prediction.top_k(3)]
     if prediction.mask is not None:
         lines.append(f"lesion {prediction.mask_area:.1%}")
@@ -115,5 +96,5 @@ def prediction_overlay(
         heat = prediction.heat
         lines.append(f"heat: {prediction.explain_method} of {prediction.predicted_class}")
     else:
-        heat = _pick_attention(prediction.attention, attention_map)
+        heat = pick_attention(prediction.attention, attention_map)
     return render_overlay(image, prediction.mask, heat, lines, alpha=alpha)

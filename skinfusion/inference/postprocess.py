@@ -1,24 +1,21 @@
-"""Mask post-processing: from a lesion probability map to a clean binary mask.
-
-The paper post-processes the decoder's output to remove artefacts; here that is a configurable
-chain run in this order:
+"""Mask post-processing: from a lesion probability map to a clean binary mask, in this order:
 
 1. (optional) bilinear resize of the *probability* map to the original image size, so that the
    threshold is applied at full resolution rather than upsampling a blocky low-res mask;
 2. threshold (``prob > threshold``);
 3. morphological opening with a disk of ``opening_radius`` pixels (removes thin spurs, hair-like
    strands and specks narrower than the disk);
-4. removal of connected components (8-connectivity) smaller than ``min_size`` pixels, and/or
-   keeping only the largest component (a dermoscopic image shows one lesion);
+4. removal of 8-connected components smaller than ``min_size`` pixels, and/or keeping only the
+   largest component (a dermoscopic image shows one lesion);
 5. filling of holes (background regions not connected to the image border).
 
-If nothing survives steps 2-4 the mask stays empty (an empty prediction is a legitimate answer
-and the ISIC scorer rates it 1.0 on an empty truth). With ``fallback=True`` an empty result is
-replaced by the connected region around the most probable pixel where the probability is at least
-half its maximum, for callers that know every image shows a lesion.
+If nothing survives steps 2-4 the mask stays empty (the ISIC scorer rates an empty prediction 1.0 on an
+empty truth), unless ``fallback`` asks for the region around the most probable pixel.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -26,14 +23,7 @@ from scipy import ndimage
 
 
 def resize_probability(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a probability map bilinearly (before thresholding).
-
-    Args:
-        prob: HxW float probability map.
-        size: target ``(width, height)``, as PIL and OpenCV order it (the original image size).
-
-    Returns:
-        float32 ``(height, width)`` map, values clipped to [0, 1].
+    """Resize an (H,W) probability map bilinearly to ``size`` = ``(width, height)``: float32, clipped to [0, 1].
 
     Raises:
         ValueError: if ``prob`` is not a non-empty 2-D array or ``size`` is not two positive ints.
@@ -60,37 +50,17 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == largest
 
 
-def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop 8-connected foreground components of fewer than ``min_size`` pixels."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
-    keep[0] = False  # background
-    return keep[labels]
-
-
-def binary_opening(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Morphological opening with a disk of ``radius`` pixels (``radius`` 0: unchanged)."""
-    if radius <= 0:
-        return mask.copy()
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
-
-
+@dataclass(eq=False)
 class PostProcess:
     """Turn a lesion probability map into a binary mask (see the module docstring for the steps).
 
     Args:
         threshold: a pixel is foreground where ``prob > threshold``.
-        fill_holes: fill background regions enclosed by the lesion.
-        largest_component: keep only the largest 8-connected component.
-        opening_radius: radius in pixels of the disk used for a morphological opening; 0 disables.
-            The radius is in pixels of the map being thresholded (the original size when ``size``
-            is passed to ``__call__``).
-        min_size: drop components of fewer pixels (0 disables); useful with
-            ``largest_component=False``.
+        opening_radius: disk radius in pixels of the map being thresholded (the original size when ``size``
+            is passed to ``__call__``); 0 disables.
+        min_size: drop components of fewer pixels (0 disables); useful with ``largest_component=False``.
         fallback: when nothing survives, return the connected region around the argmax where the
-            probability is at least half its maximum instead of an empty mask (an all-zero map
-            still gives an empty mask).
+            probability is at least half its maximum (an all-zero map still gives an empty mask).
 
     Raises:
         ValueError: on a threshold outside [0, 1) or a negative radius/size.
@@ -100,44 +70,25 @@ class PostProcess:
         >>> mask = post(prob_224, size=(orig_width, orig_height))  # bool (orig_height, orig_width)
     """
 
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        fill_holes: bool = True,
-        largest_component: bool = True,
-        opening_radius: int = 0,
-        min_size: int = 0,
-        fallback: bool = False,
-    ) -> None:
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-        if opening_radius < 0:
-            raise ValueError(f"opening_radius must be >= 0, got {opening_radius}")
-        if min_size < 0:
-            raise ValueError(f"min_size must be >= 0, got {min_size}")
-        self.threshold = threshold
-        self.fill_holes = fill_holes
-        self.largest_component = largest_component
-        self.opening_radius = opening_radius
-        self.min_size = min_size
-        self.fallback = fallback
+    threshold: float = 0.5
+    fill_holes: bool = True
+    largest_component: bool = True
+    opening_radius: int = 0
+    min_size: int = 0
+    fallback: bool = False
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(threshold={self.threshold}, fill_holes={self.fill_holes}, "
-            f"largest_component={self.largest_component}, opening_radius={self.opening_radius}, "
-            f"min_size={self.min_size}, fallback={self.fallback})"
-        )
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.opening_radius < 0:
+            raise ValueError(f"opening_radius must be >= 0, got {self.opening_radius}")
+        if self.min_size < 0:
+            raise ValueError(f"min_size must be >= 0, got {self.min_size}")
 
     def __call__(self, prob: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
-        """Post-process one map.
+        """Post-process one (H,W) float probability map, or ``bool`` mask (no threshold), to an (H,W) bool mask.
 
-        Args:
-            prob: HxW float probability map, or an HxW ``bool`` mask (then no threshold is applied).
-            size: optional ``(width, height)`` to resize the probability map to first.
-
-        Returns:
-            HxW (or ``size``) boolean mask.
+        ``size``: ``(width, height)`` to resize the map to first.
 
         Raises:
             ValueError: if ``prob`` is not 2-D, or is neither float nor bool.
@@ -157,22 +108,21 @@ class PostProcess:
         else:
             raise ValueError(f"prob must be a float probability map or a bool mask, got dtype {prob.dtype}")
 
-        mask = binary_opening(mask, self.opening_radius)
+        if self.opening_radius > 0:
+            side = 2 * self.opening_radius + 1
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+            mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
         if self.min_size > 0:
-            mask = remove_small_components(mask, self.min_size)
+            _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+            keep = stats[:, cv2.CC_STAT_AREA] >= self.min_size
+            keep[0] = False  # background
+            mask = keep[labels]
         if self.largest_component:
             mask = largest_component(mask)
-        if not mask.any() and self.fallback and prob.dtype != bool:
-            mask = self._fallback_region(prob)
+        if not mask.any() and self.fallback and prob.dtype != bool and prob.max() > 0:
+            # the connected region around the most probable pixel where the probability is at least half its maximum
+            _, labels = cv2.connectedComponents((prob >= 0.5 * prob.max()).astype(np.uint8), connectivity=8)
+            mask = labels == labels[np.unravel_index(int(np.argmax(prob)), prob.shape)]
         if self.fill_holes and mask.any():
             mask = ndimage.binary_fill_holes(mask)
         return mask
-
-    @staticmethod
-    def _fallback_region(prob: np.ndarray) -> np.ndarray:
-        peak = float(prob.max())
-        if peak <= 0.0:
-            return np.zeros(prob.shape, dtype=bool)
-        _, labels = cv2.connectedComponents((prob >= 0.5 * peak).astype(np.uint8), connectivity=8)
-        row, col = np.unravel_index(int(np.argmax(prob)), prob.shape)
-        return labels == labels[row, col]

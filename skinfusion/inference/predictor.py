@@ -1,18 +1,9 @@
 """Prediction on image files: lesion masks at the original resolution, the ISIC Task 3 CSV, overlays, JSON.
 
-:class:`Predictor` wraps a trained network (a :class:`~skinfusion.training.module.SkinFusionModule`, a plain
-:class:`~skinfusion.nn.SkinFusionNet`, a Lightning checkpoint, a ``skinfusion export`` safetensors
-file or a Hugging Face layout folder). For every image it
-
-1. reads the file upright (EXIF orientation applied) at any size and aspect, and resizes it to the
-   network's square input (the same ``predict`` transform as training's evaluation);
-2. runs the network in batches (optionally with flip/rotation test-time augmentation and a
-   temperature on the class logits);
-3. resizes the lesion *probability* map bilinearly back to the original image size and only then
-   post-processes it (threshold, opening, largest component, hole filling; see
-   :class:`~skinfusion.inference.postprocess.PostProcess`).
-
-:meth:`Predictor.write` turns the results into files a user submits or reads::
+:class:`Predictor` reads each file upright, resizes it to the network's square input (training's ``predict``
+transform), runs the network in batches (optionally with flip/rotation test-time augmentation), and resizes
+the lesion *probability* map back to the original size before post-processing it
+(:class:`~skinfusion.inference.postprocess.PostProcess`). :meth:`Predictor.write` writes::
 
     out_dir/
       masks/ISIC_0012345_segmentation.png   8-bit L, values {0,255}, original size (ISIC Task 1)
@@ -22,9 +13,8 @@ file or a Hugging Face layout folder). For every image it
       explanations/ISIC_0012345_gradcam.png with ``explain``: the top class's map, 8-bit, network size
 
 Masks live in their own folder because the official scorer matches a prediction to an image by the
-7-digit number in *any* file name of the folder. Every file is written atomically (a temporary file
-in the same folder, then ``os.replace``), and the CSV only once all images are done, so an
-interrupted run never leaves a truncated file or a half-overwritten earlier result.
+7-digit number in *any* file name of the folder. Every file is written atomically, and the CSV only once
+all images are done, so an interrupted run never leaves a truncated file or a half-overwritten result.
 """
 
 from __future__ import annotations
@@ -62,19 +52,7 @@ from skinfusion.nn import SkinFusionNet
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "Prediction",
-    "Predictor",
-    "add_predictor_arguments",
-    "load_model",
-    "predict_main",
-    "predictor_from_args",
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------------
+__all__ = ["Prediction", "Predictor", "add_predictor_arguments", "load_model", "predict_main", "predictor_from_args"]
 
 
 @dataclass
@@ -82,17 +60,13 @@ class Prediction:
     """What the network says about one image.
 
     Attributes:
-        id: image id (the file name without extension).
-        image: path of the image file.
         size: upright original ``(width, height)``.
         mask: post-processed boolean lesion mask ``(height, width)`` at the original size, or
             ``None`` for a network without decoder.
         mask_prob: lesion probability map at the network resolution ``(S, S)``, or ``None``.
         probabilities: class probabilities ``(K,)`` (float64, sum 1), or ``None`` for a network
             without classifier.
-        class_names: the K class names, in column order.
         attention: spatial attention maps ``(h, w)`` in [0, 1], by name (``skip.4``, ``classifier``...).
-        record: the input record (truth, metadata), when there was one.
         heat: with a :class:`Predictor` ``explain`` method, the explanation of the top class at the network's
             resolution ``(S, S)`` in [0, 1] (:attr:`explanation` gives it at the original size).
         explain_method: that method (``attention``, ``gradcam``, ``gradcam++``), else ``None``.
@@ -112,10 +86,7 @@ class Prediction:
 
     @property
     def explanation(self) -> np.ndarray | None:
-        """The explanation map at the original image size ``(height, width)``, float32 in [0, 1] (or ``None``).
-
-        Resized bilinearly from :attr:`heat` on each access (it is not kept at full size).
-        """
+        """:attr:`heat` resized bilinearly to the original ``(height, width)`` on each access (or ``None``)."""
         if self.heat is None:
             return None
         import cv2
@@ -169,17 +140,9 @@ def explanation_filename(image_id: str, method: str | None) -> str:
     return f"{image_id}_{(method or 'map').replace('+', 'p')}.png"
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
-
-
 def load_model(path: str | Path) -> tuple[SkinFusionNet, InferenceSettings]:
-    """The network of a skinfusion checkpoint and its record.
-
-    Args:
-        path: a Lightning checkpoint (``.ckpt``, loaded safely), a safetensors export, or a folder written by
-            ``save_pretrained`` / ``skinfusion export --format hf`` (``config.json`` + ``model.safetensors``).
+    """The network of a Lightning checkpoint (loaded safely), a safetensors export or a ``save_pretrained`` /
+    ``skinfusion export --format hf`` folder, and its record.
 
     Raises:
         WeightsError: the file or folder cannot be loaded (the message names it and the problem).
@@ -196,12 +159,6 @@ def load_model(path: str | Path) -> tuple[SkinFusionNet, InferenceSettings]:
 
     module = SkinFusionModule.from_checkpoint(path)
     return module.net, module.settings
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -240,23 +197,13 @@ class _ImageDataset(torch.utils.data.Dataset):
         return item
 
 
-def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return items
-
-
-# ---------------------------------------------------------------------------------------------
-# Predictor
-# ---------------------------------------------------------------------------------------------
-
-
 class Predictor:
     """Batched prediction on image files, with test-time augmentation and post-processing.
 
     Args:
         model: a :class:`~skinfusion.training.module.SkinFusionModule`, any ``nn.Module`` whose
             ``forward(image, meta=None)`` returns a :class:`~skinfusion.nn.output.SkinFusionOutput`, or
-            the path of a skinfusion checkpoint (``.ckpt``, loaded safely), safetensors export or ``save_pretrained``
-            folder (see :func:`load_model`).
+            the path of what :func:`load_model` loads.
         image_size: network input side; default: the model's record (:class:`~skinfusion.io.InferenceSettings`).
         normalization: ``"imagenet"`` or ``"unit"``; default: the model's record.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (CUDA when available).
@@ -264,18 +211,17 @@ class Predictor:
         num_workers: DataLoader workers that decode images in parallel (0: in this process).
         tta: average the outputs over flips (4 views) ...
         rot90: ... and 90-degree rotations/transposes (8 views); implies ``tta``.
-        postprocess: mask post-processing; default ``PostProcess()`` (threshold 0.5, largest
-            component, holes filled).
+        postprocess: mask post-processing; default ``PostProcess()``.
         temperature: class logits are divided by it before the softmax (see
             :func:`skinfusion.evaluation.calibration.fit_temperature`).
         class_names: names of the class columns; default: the model's record (the first K ISIC classes for a
             bare network).
         skip_errors: log and skip unreadable images instead of raising :class:`DataError`.
-        progress: show a tqdm progress bar.
+        explain: ``attention``, ``gradcam`` or ``gradcam++``: each :class:`Prediction` gets its ``heat``.
 
     Raises:
-        ValueError: a non-positive size/batch size/temperature, or class names that do not match
-            the network's number of classes.
+        ValueError: a non-positive size/batch size/temperature, class names that do not match the network's
+            number of classes, or an explanation the network cannot give.
 
     Example:
         >>> predictor = Predictor("best.ckpt", tta=True)
@@ -332,7 +278,9 @@ class Predictor:
         names = list(class_names or settings.class_names)
         if len(names) != len(settings.class_names):
             raise ValueError(f"{len(names)} class names {names} for a {len(settings.class_names)}-class network")
-        self.device = _resolve_device(device)
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.class_names = tuple(names)
         self.image_size = settings.image_size
@@ -355,7 +303,6 @@ class Predictor:
             f"temperature={self.temperature}, postprocess={self.postprocess!r})"
         )
 
-    # ------------------------------------------------------------------ inference
     @torch.inference_mode()
     def forward(
         self, images: torch.Tensor, meta: torch.Tensor | None = None
@@ -388,11 +335,7 @@ class Predictor:
         return mask_prob, class_prob, {k: v.float() for k, v in attention.items()}
 
     def predict_paths(self, sources: Any, subset: str | None = None) -> Iterator[Prediction]:
-        """Predict every image of ``sources`` (see :func:`collect_records` for what a source may be).
-
-        Returns:
-            A lazy iterator of :class:`Prediction`, in input order (masks at the original size).
-        """
+        """Predict every image of ``sources`` (see :func:`collect_records`): a lazy iterator, in input order."""
         return self.predict_records(collect_records(sources, subset=subset))
 
     def predict_records(self, records: Sequence[Record]) -> Iterator[Prediction]:
@@ -413,19 +356,15 @@ class Predictor:
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=_collate,
+            collate_fn=list,
             pin_memory=self.device.type == "cuda",
         )
         with tqdm(total=len(records), desc="predict", unit="img", disable=not self.progress) as bar:
             for items in loader:
-                good = []
                 for item in items:
-                    if "error" not in item:
-                        good.append(item)
-                    elif self.skip_errors:
-                        log.warning("skipping unreadable image: %s", item["error"])
-                    else:
-                        raise self._unreadable(item["error"])
+                    if "error" in item:
+                        self._skip(item["error"])
+                good = [item for item in items if "error" not in item]
                 if good:
                     yield from self._predict_items(good, records)
                 bar.update(len(items))
@@ -437,15 +376,16 @@ class Predictor:
         try:
             image_size(record.image)
         except DataError as error:
-            if not self.skip_errors:
-                raise self._unreadable(error) from None
-            log.warning("skipping unreadable image: %s", error)
+            self._skip(error)
             return False
         return True
 
-    @staticmethod
-    def _unreadable(error: DataError) -> DataError:
-        return DataError(error.path, f"{error.reason} (skip_errors=True, or --skip-errors, skips unreadable images)")
+    def _skip(self, error: DataError) -> None:
+        """Log an unreadable image with ``skip_errors``, else raise a :class:`DataError` that names the option."""
+        if not self.skip_errors:
+            hint = "(skip_errors=True, or --skip-errors, skips unreadable images)"
+            raise DataError(error.path, f"{error.reason} {hint}") from None
+        log.warning("skipping unreadable image: %s", error)
 
     def _predict_items(self, items: list[dict[str, Any]], records: Sequence[Record]) -> Iterator[Prediction]:
         images = torch.stack([item["image"] for item in items])
@@ -469,19 +409,13 @@ class Predictor:
         for row, item in enumerate(items):
             record = records[item["index"]]
             width, height = item["size"]
-            mask = None
-            if mask_prob is not None:
-                mask = self.postprocess(mask_prob[row], size=(width, height))
-            probabilities = None
-            if class_prob is not None:
-                probabilities = class_prob[row] / class_prob[row].sum()
             yield Prediction(
                 id=record.id,
                 image=Path(record.image),
                 size=(int(width), int(height)),
-                mask=mask,
+                mask=None if mask_prob is None else self.postprocess(mask_prob[row], size=(width, height)),
                 mask_prob=None if mask_prob is None else mask_prob[row],
-                probabilities=probabilities,
+                probabilities=None if class_prob is None else class_prob[row] / class_prob[row].sum(),
                 class_names=self.class_names,
                 attention={k: v[row] for k, v in attention.items()},
                 record=record,
@@ -489,7 +423,6 @@ class Predictor:
                 explain_method=self.explain,
             )
 
-    # ------------------------------------------------------------------ writing
     def write(
         self,
         results: Iterable[Prediction],
@@ -506,18 +439,13 @@ class Predictor:
 
         Args:
             results: predictions, e.g. :meth:`predict_paths`'s iterator (consumed here).
-            out_dir: output folder (created).
-            masks: write ``masks/<id>_segmentation.png`` (8-bit L, {0,255}, original size).
-            csv: write the Task 3 CSV ``<csv_name>`` (once every image is done).
-            overlays: write ``overlays/<id>_overlay.png``.
-            json: write ``json/<id>.json``.
+            masks, csv, overlays, json: which files to write.
             overlay_max_side: downscale overlays so that their longest side is at most this.
-            attention_map: attention map shown in overlays (default ``classifier``, else the last).
+            attention_map: attention map shown in overlays (default: the classifier's, else the deepest).
             csv_name: file name of the CSV.
 
         Returns:
-            ``{"num_images": n, "masks": folder|None, "csv": path|None, "overlays": folder|None,
-            "json": folder|None}``.
+            ``{"num_images": n}`` and the folder (the CSV's path) of each kind of file written, else ``None``.
         """
         import json as json_module
 
@@ -559,11 +487,6 @@ class Predictor:
         }
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the :class:`Predictor` options (model, input size, TTA, post-processing) to ``parser``."""
     group = parser.add_argument_group("model")
@@ -599,33 +522,29 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
 def predictor_from_args(args: argparse.Namespace) -> Predictor:
     """Build the :class:`Predictor` that :func:`add_predictor_arguments`'s options describe."""
     with config_errors():
-        return _predictor_from_args(args)
-
-
-def _predictor_from_args(args: argparse.Namespace) -> Predictor:
-    postprocess = PostProcess(
-        threshold=args.threshold,
-        fill_holes=not args.no_fill_holes,
-        largest_component=not args.no_largest_component,
-        opening_radius=args.opening_radius,
-        min_size=args.min_size,
-        fallback=args.fallback,
-    )
-    return Predictor(
-        args.ckpt,
-        image_size=args.image_size,
-        normalization=args.normalization,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        tta=args.tta,
-        rot90=args.rot90,
-        postprocess=postprocess,
-        temperature=args.temperature,
-        skip_errors=getattr(args, "skip_errors", False),
-        progress=not getattr(args, "no_progress", False),
-        explain=args.explain if isinstance(getattr(args, "explain", None), str) else None,
-    )
+        postprocess = PostProcess(
+            threshold=args.threshold,
+            fill_holes=not args.no_fill_holes,
+            largest_component=not args.no_largest_component,
+            opening_radius=args.opening_radius,
+            min_size=args.min_size,
+            fallback=args.fallback,
+        )
+        return Predictor(
+            args.ckpt,
+            image_size=args.image_size,
+            normalization=args.normalization,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            tta=args.tta,
+            rot90=args.rot90,
+            postprocess=postprocess,
+            temperature=args.temperature,
+            skip_errors=getattr(args, "skip_errors", False),
+            progress=not getattr(args, "no_progress", False),
+            explain=args.explain if isinstance(getattr(args, "explain", None), str) else None,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -655,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overlays", action="store_true", help="write overlay PNGs (contour, attention, top-3)")
     out.add_argument("--json", action="store_true", help="write one JSON file per image")
     out.add_argument("--overlay-max-side", type=int, default=None, help="downscale overlays to this longest side")
-    out.add_argument("--attention-map", default=None, help="attention map in overlays (default: classifier/last)")
+    out.add_argument("--attention-map", default=None, help="attention map in overlays (default: classifier/deepest)")
     out.add_argument(
         "--explain",
         choices=("attention", "gradcam", "gradcam++"),
@@ -669,11 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``skinfusion predict``: predict files and write masks, CSV, overlays and JSON.
-
-    Returns:
-        The summary of :meth:`Predictor.write` (also printed).
-    """
+    """``skinfusion predict``: predict files, write masks, CSV, overlays and JSON; returns (and prints) the summary."""
     args = build_parser().parse_args(argv)
     predictor = predictor_from_args(args)
     summary = predictor.write(

@@ -55,9 +55,6 @@ def tta_flips(
     Returns:
         ``(mask_logits (B,1,H,W) | None, class_logits (B,K) | None)``.
 
-    Shape:
-        image (B,C,H,W) -> mask_logits (B,1,H,W), class_logits (B,K)
-
     Raises:
         ValueError: if ``image`` is not 4-D or ``average`` is unknown.
     """
