@@ -77,6 +77,16 @@ def test_attention_method_is_the_classifier_map_upsampled():
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_pick_attention_order_without_a_classifier_map():
+    """Classifier map first, else the deepest encoder block (stage before block index), else the deepest skip."""
+    maps = {name: object() for name in ["encoder.layer3.0", "encoder.layer3.5", "encoder.layer4.2", "skip.3"]}
+    assert pick_attention(maps) is maps["encoder.layer4.2"]  # not layer3.5, whose block index is higher
+    assert pick_attention({**maps, "classifier": "c"}) == "c"
+    skips = {f"skip.{i}": object() for i in (0, 2, 10)}
+    assert pick_attention(skips) is skips["skip.10"]
+    assert pick_attention({}) is None
+
+
 def test_explain_rejects_unknown_methods_and_missing_attention():
     image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with pytest.raises(ValueError, match="unknown explanation"):

@@ -12,6 +12,7 @@ and whether its maximum lies inside (the pointing game, Zhang et al., ECCV 2016)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,7 +59,8 @@ def gradcam_layer(net: nn.Module) -> nn.Module:
 def pick_attention(attention: Mapping[str, np.ndarray | Tensor], name: str | None = None):
     """The attention map ``name`` (default: the classifier's, else an encoder block's, else the deepest skip map).
 
-    The encoder block map is the one of the highest block index. ``None`` when the network returns no map.
+    The encoder block map is the deepest one (highest stage, then block: ``layer4.2`` over ``layer3.5``). ``None``
+    when the network returns no map.
 
     Raises:
         ValueError: no map ``name``.
@@ -74,9 +76,8 @@ def pick_attention(attention: Mapping[str, np.ndarray | Tensor], name: str | Non
     return attention[sorted(attention, key=lambda key: (key.split(".")[0] != "skip", _level(key)))[-1]]
 
 
-def _level(key: str) -> int:
-    tail = key.rsplit(".", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
+def _level(key: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", key))  # encoder.layer4.2 -> (4, 2); skip.3 -> (3,)
 
 
 def explain(
