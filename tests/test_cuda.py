@@ -377,14 +377,34 @@ def test_export_of_a_gpu_trained_checkpoint_matches_the_model_on_the_device(gpu_
     main(["export", "--ckpt", str(gpu_fit["last"]), "--format", "torchscript", "--out", str(script_path)])
     module = SkinFusionModule.from_checkpoint(gpu_fit["last"]).to(device).eval()
     image = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    meta = torch.rand(3, module.net.meta_dim, generator=torch.Generator().manual_seed(6))  # base.yaml: metadata on
     with torch.no_grad():
-        expected = module.net(image.to(device))
-        scripted = torch.jit.load(str(script_path), map_location=device)(image.to(device))
+        expected = module.net(image.to(device), meta.to(device))
+        scripted = torch.jit.load(str(script_path), map_location=device)(image.to(device), meta.to(device))
     assert scripted[0].device.type == device.type
     assert expected.mask_logits.device.type == device.type
     assert _relative(scripted[0], expected.mask_logits) < 1e-4
     assert _relative(scripted[1], expected.class_logits) < 1e-4
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    mask_logits, class_logits = session.run(["mask_logits", "class_logits"], {"image": image.numpy()})
+    mask_logits, class_logits = session.run(
+        ["mask_logits", "class_logits"], {"image": image.numpy(), "meta": meta.numpy()}
+    )
     assert _relative(torch.from_numpy(mask_logits), expected.mask_logits) < 1e-4
     assert _relative(torch.from_numpy(class_logits), expected.class_logits) < 1e-4
+
+
+def test_a_checkpoint_loads_onto_the_device_and_a_device_resident_net_exports(gpu_fit, device, tmp_path):
+    from skinfusion.inference.export import export_onnx, export_torchscript
+
+    module = SkinFusionModule.from_checkpoint(gpu_fit["last"], map_location=device).eval()
+    assert {p.device.type for p in module.parameters()} == {device.type}  # not left on the CPU
+    image = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6)).to(device)
+    meta = torch.rand(2, module.net.meta_dim, generator=torch.Generator().manual_seed(7)).to(device)
+    with torch.no_grad():
+        expected = module.net(image, meta)
+    # Exporting the network where it lives: the example inputs follow it (they were built on the CPU).
+    export_onnx(module.net, tmp_path / "net.onnx")
+    export_torchscript(module.net, tmp_path / "net.pt")
+    scripted = torch.jit.load(str(tmp_path / "net.pt"), map_location=device)
+    with torch.no_grad():
+        assert _relative(scripted(image, meta)[1], expected.class_logits) < 1e-4

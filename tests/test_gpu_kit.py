@@ -101,15 +101,13 @@ def test_env_names_the_versions_and_the_bf16_ceiling(smoke):
     assert entry["requirements_ok"] is True
 
 
-def test_cuda_tests_are_selected_and_skip_cleanly_without_a_gpu(smoke, kit):
+def test_cuda_tests_are_selected_and_their_dry_run_passes_on_the_cpu(smoke, kit):
     (entry,) = _kind(smoke, "tests")
     assert entry["exit_code"] == 0
     assert entry["files"] == ["tests/test_cuda.py"]
-    assert entry.get("skipped", 0) >= 10
+    assert entry.get("passed", 0) >= 10  # SKINFUSION_CUDA_TESTS_ON_CPU=1: the smoke run checks the tests' logic
     assert not entry.get("failed")
-    assert not entry.get("passed")
-    text = (smoke["out"] / "tests.txt").read_text()
-    assert "CUDA is not available" in text
+    assert "passed" in (smoke["out"] / "tests.txt").read_text()
     assert kit.cuda_test_files() == ["tests/test_cuda.py"]
 
 

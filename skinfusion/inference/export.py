@@ -96,6 +96,8 @@ def _wrap(net: SkinFusionNet, image_size: int, batch_size: int) -> tuple[ExportW
     inputs: tuple[Tensor, ...] = (torch.randn(batch_size, net.in_chans, image_size, image_size, generator=generator),)
     if net.meta_dim:
         inputs += (torch.rand(batch_size, net.meta_dim, generator=generator),)
+    device = next(net.parameters()).device  # a network on a GPU is traced with inputs on that GPU
+    inputs = tuple(t.to(device) for t in inputs)
     with torch.no_grad():
         probe = net(*inputs)
     parts = {"mask_logits": probe.mask_logits, "class_logits": probe.class_logits}

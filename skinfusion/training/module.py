@@ -373,5 +373,5 @@ class SkinFusionModule(pl.LightningModule):
             **{k: v for k, v in hparams.items() if k in cls.restored_hparams},
         )
         module.hparams["inference"] = settings.to_dict()
-        module.load_state_dict(ckpt["state_dict"])
-        return module
+        module.load_state_dict(ckpt["state_dict"])  # copies into the new module's CPU parameters...
+        return module.to(map_location)  # ...so it goes where the caller asked
