@@ -198,6 +198,35 @@ def test_evaluate_explain_reports_lesion_focus_against_a_uniform_map(tmp_path):
     ]
 
 
+def test_evaluate_explain_predicts_each_image_once_per_gradcam_method(tmp_path, monkeypatch):
+    """The pass that writes the predictions also gives the first method's maps: no image is predicted twice for
+    the same method, and the table equals measuring the focus on its own."""
+    from skinfusion.inference.explain import measure_lesion_focus
+    from skinfusion.inference.inputs import collect_records
+
+    ckpt = save_ckpt(tmp_path / "model.ckpt", make_module())
+    write_synthetic(tmp_path / "syn", n=6, seed=2, size=72)
+    manifest = tmp_path / "syn" / "manifest.csv"
+    methods = ["attention", "gradcam", "gradcam++"]
+    alone, _ = measure_lesion_focus(Predictor(ckpt, progress=False), collect_records(manifest), methods)
+    predicted: list[tuple[str | None, str]] = []
+    original = Predictor.predict_records
+
+    def counting(self, records, *args, **kwargs):
+        for prediction in original(self, records, *args, **kwargs):
+            predicted.append((self.explain, prediction.id))
+            yield prediction
+
+    monkeypatch.setattr(Predictor, "predict_records", counting)
+    report = evaluate(Predictor(ckpt, progress=False), manifest, tmp_path / "report", explain=methods)
+    images = [r.id for r in collect_records(manifest) if r.mask or r.label]
+    assert sorted(predicted) == sorted([("gradcam", i) for i in images] + [("gradcam++", i) for i in images])
+    for name, row in alone.items():
+        for key in ("mass_inside", "pointing_game"):
+            assert report[f"explain/{name}/{key}"] == pytest.approx(row[key], abs=1e-6), (name, key)
+    assert not (tmp_path / "report" / "predictions" / "explanations").exists()  # evaluate writes no heat files
+
+
 def test_evaluate_explain_needs_a_model(tmp_path):
     write_synthetic(tmp_path / "syn", n=4, seed=2, size=72)
     with pytest.raises(ValueError, match="needs a model"):

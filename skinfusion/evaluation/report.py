@@ -19,6 +19,7 @@ Task 3; the parts of a task that no record has truth for are left out.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import io
@@ -334,13 +335,23 @@ def evaluate(
     records = [r for r in records if r.mask or r.label]
     if explain and not isinstance(predictions, Predictor):
         raise ValueError("explain needs a model to explain (--ckpt), not a folder of predictions")
+    focus: dict[str, dict[str, float]] = {}
     if isinstance(predictions, Predictor):
-        focus = _lesion_focus(predictions, records, explain, out_dir) if explain else {}
+        scored = records
         if getattr(predictions.net, "decoder", True) is None:
             log.info("the network has no decoder: scoring its diagnosis only")
-            records = [dataclasses.replace(r, mask=None) for r in records if r.label]
-        predictions.write(predictions.predict_records(records), out_dir / "predictions", masks=True, csv=True)
-        predictions = out_dir / "predictions"
+            scored = [dataclasses.replace(r, mask=None) for r in records if r.label]
+        stream = predictions.predict_records(scored)
+        heats: dict[str, dict[str, np.ndarray]] = {}
+        if explain:  # the pass that writes the predictions also keeps the first method's maps for the focus
+            run = copy.copy(predictions)
+            run.explain = next((m for m in explain if m != "attention"), None)
+            with_mask = {r.id for r in records if r.mask is not None}
+            stream = (_keep_maps(p, heats, with_mask, explain) for p in run.predict_records(scored))
+        predictions.write(stream, out_dir / "predictions", masks=True, csv=True)
+        if explain:
+            focus = _lesion_focus(predictions, records, explain, out_dir, heats)
+        records, predictions = scored, out_dir / "predictions"
     masks_dir, csv_path = _prediction_files(predictions)
     metrics, rows, classification = score_predictions(records, masks_dir, csv_path)
 
@@ -377,13 +388,23 @@ def evaluate(
     return report
 
 
+def _keep_maps(prediction: Any, heats: dict, ids: set[str], methods: Sequence[str]) -> Any:
+    """Keep ``prediction``'s focus maps (when its id is in ``ids``) and pass it on without its heat map, which
+    ``evaluate`` does not write as a file."""
+    from skinfusion.inference.explain import focus_maps
+
+    if prediction.id in ids:
+        heats[prediction.id] = focus_maps(prediction, methods)
+    return dataclasses.replace(prediction, heat=None, explain_method=None)
+
+
 def _lesion_focus(
-    predictor: Predictor, records: Sequence[Record], methods: Sequence[str], out_dir: Path
+    predictor: Predictor, records: Sequence[Record], methods: Sequence[str], out_dir: Path, heats: dict
 ) -> dict[str, dict[str, float]]:
     """Measure and write the lesion focus of the maps (``explain.md``, example overlays in ``explain/``)."""
     from skinfusion.inference.explain import measure_lesion_focus
 
-    table, overlays = measure_lesion_focus(predictor, records, methods)
+    table, overlays = measure_lesion_focus(predictor, records, methods, heats=heats)
     uniform = table.get("uniform", {})
     lines = [
         "# Do the maps look at the lesion?",

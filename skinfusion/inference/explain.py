@@ -163,11 +163,21 @@ def lesion_focus(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     }
 
 
+def focus_maps(prediction: Any, methods: Sequence[str]) -> dict[str, np.ndarray]:
+    """The maps of one prediction that :func:`measure_lesion_focus` scores (its ``heat``, and with ``attention`` in
+    ``methods`` every attention map as ``attention <name>``), at the network's resolution."""
+    maps = {} if prediction.heat is None else {prediction.explain_method: prediction.heat}
+    if "attention" in methods:
+        maps.update({f"attention {name}": heat for name, heat in prediction.attention.items()})
+    return maps
+
+
 def measure_lesion_focus(
     predictor: Any,
     records: Sequence[Any],
     methods: Sequence[str] = ("attention", "gradcam"),
     examples: int = 3,
+    heats: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[np.ndarray]]:
     """Do the maps look at the lesion? :func:`lesion_focus` of every map, averaged over the images with a mask.
 
@@ -175,6 +185,8 @@ def measure_lesion_focus(
     the image itself was resized. ``attention`` in ``methods`` stands for every attention map the network returns;
     ``gradcam`` / ``gradcam++`` explain the predicted class. A ``uniform`` row gives what a map that looks
     everywhere scores: its mass inside, and its expected pointing-game hit rate, are the lesion's share of the image.
+    ``heats`` (``{id: focus_maps(prediction, methods)}``) are maps already predicted, e.g. by the pass that wrote
+    the predictions: only the images and methods they lack are predicted again.
 
     Returns:
         ``({map: {"mass_inside", "pointing_game", "images"}}, [overlays of the first ``examples`` images])``.
@@ -191,16 +203,16 @@ def measure_lesion_focus(
         raise ValueError(f"unknown explanation {unknown}; choose from {list(EXPLAIN_METHODS)}")
     cams = [m for m in methods if m != "attention"]
     records = [r for r in records if r.mask is not None]
-    heats: dict[str, dict[str, np.ndarray]] = {}
+    heats = {image_id: dict(maps) for image_id, maps in (heats or {}).items()}
     for method in cams or [None]:  # one prediction run per Grad-CAM method; each also gives the attention maps
+        key = method or "attention"
+        todo = [r for r in records if not any(k.split(" ")[0] == key for k in heats.get(r.id, {}))]
+        if not todo:
+            continue
         run = copy.copy(predictor)
         run.explain = method
-        for prediction in run.predict_records(records):
-            maps = heats.setdefault(prediction.id, {})
-            if prediction.heat is not None:
-                maps[prediction.explain_method] = prediction.heat
-            if "attention" in methods:
-                maps.update({f"attention {k}": v for k, v in prediction.attention.items()})
+        for prediction in run.predict_records(todo):
+            heats.setdefault(prediction.id, {}).update(focus_maps(prediction, methods))
     if "attention" in methods and not any(k.startswith("attention") for m in heats.values() for k in m):
         raise ValueError("this network returns no attention map (attention is off): measure gradcam only")
     size = predictor.image_size
