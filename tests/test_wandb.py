@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -331,6 +332,17 @@ def test_online_when_key_and_server_are_there(no_credentials, http_server, monke
     assert "mode" not in logger._wandb_init
     assert logger.fallback_reason is None
     assert not caplog.records
+
+
+def test_key_of_wandb_login_for_the_installed_wandbs_default_server(no_credentials, monkeypatch):
+    """`wandb login` writes the key under the host of wandb's default server, which moved between releases."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    host = urlsplit(wandb.Settings().base_url).hostname
+    Path("netrc").write_text(f"machine {host} login user password {'d' * 40}\n")
+    monkeypatch.setenv("NETRC", str(Path("netrc").resolve()))
+    assert find_wandb_api_key() == "d" * 40
 
 
 @pytest.mark.parametrize("mode", ["online", "disabled", "offline"])

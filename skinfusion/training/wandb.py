@@ -46,11 +46,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://api.wandb.ai"
-
 
 def _base_url() -> str:
-    return os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+    """``WANDB_BASE_URL``, else the installed wandb's own default server (it has moved between wandb releases)."""
+    if url := os.environ.get("WANDB_BASE_URL"):
+        return url
+    import wandb
+
+    return wandb.Settings().base_url
 
 
 def find_wandb_api_key(base_url: str | None = None) -> str | None:
