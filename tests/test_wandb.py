@@ -300,6 +300,15 @@ def http_server():
     server.server_close()
 
 
+def _assert_left_to_wandb(caplog) -> None:
+    """A WandbLogger built now keeps wandb's own mode, with no fallback and no message."""
+    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
+        logger = WandbLogger()
+    assert "mode" not in logger._wandb_init
+    assert logger.fallback_reason is None
+    assert not caplog.records
+
+
 def test_fallback_without_api_key(no_credentials, caplog):
     with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(save_dir="runs")
@@ -327,11 +336,7 @@ def test_online_when_key_and_server_are_there(no_credentials, http_server, monke
     monkeypatch.setenv("WANDB_BASE_URL", http_server)
     assert find_wandb_api_key() == "k" * 40
     assert server_reachable(http_server, timeout=2.0)
-    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
-        logger = WandbLogger()
-    assert "mode" not in logger._wandb_init
-    assert logger.fallback_reason is None
-    assert not caplog.records
+    _assert_left_to_wandb(caplog)
 
 
 def test_key_of_wandb_login_for_the_installed_wandbs_default_server(no_credentials, monkeypatch):
@@ -349,11 +354,7 @@ def test_key_of_wandb_login_for_the_installed_wandbs_default_server(no_credentia
 def test_user_wandb_mode_is_obeyed_without_checks(no_credentials, monkeypatch, caplog, mode):
     monkeypatch.setenv("WANDB_MODE", mode)
     monkeypatch.setattr(sf_loggers, "server_reachable", lambda *a, **k: pytest.fail("no check expected"))
-    with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
-        logger = WandbLogger()
-    assert "mode" not in logger._wandb_init
-    assert logger.fallback_reason is None
-    assert not caplog.records
+    _assert_left_to_wandb(caplog)
 
 
 def test_explicit_offline_has_no_message(no_credentials, caplog):
