@@ -225,6 +225,22 @@ def test_gradcam_panel_beside_the_attention_maps(fit_run):
     assert len(steps) == EPOCHS
 
 
+def test_gradcam_panel_under_inference_mode(tiny_net, caplog):
+    """`skinfusion validate` runs under torch.inference_mode: the Grad-CAM panel still computes (no warning)."""
+    from skinfusion.training.wandb import WandbPanels
+
+    panels = WandbPanels(explain="gradcam")
+    net = tiny_net().eval()
+    with torch.inference_mode():
+        batch = {"image": torch.rand(2, 3, 64, 64)}
+        with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
+            cams = panels._gradcam(net, batch, torch.float32)
+    assert not caplog.records
+    assert panels.explain == "gradcam"
+    assert cams.shape == (2, 64, 64)
+    assert cams.max() > 0
+
+
 def test_confusion_matrix_and_per_class_table(fit_run):
     val, classes = fit_run["val"], fit_run["class_names"]
     labelled = sum(int(val[i]["label"]) >= 0 for i in range(len(val)))

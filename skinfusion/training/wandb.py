@@ -444,10 +444,11 @@ class WandbPanels(pl.Callback):
 
         meta = batch.get("meta")
         try:
-            with torch.enable_grad():
-                return explain(
-                    net, batch["image"].to(dtype), self.explain, meta=None if meta is None else meta.to(dtype)
-                )
+            # `skinfusion validate` runs under inference mode, whose tensors autograd refuses: leave it, and clone
+            # the batch out of it.
+            with torch.inference_mode(False), torch.enable_grad():
+                image = batch["image"].to(dtype).clone()
+                return explain(net, image, self.explain, meta=None if meta is None else meta.to(dtype).clone())
         except Exception as error:  # an optional panel: say why once, go on training
             log.warning("WandbPanels: no %s panel (%s: %s); turned off", self.explain, type(error).__name__, error)
             self.explain = None
