@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -208,23 +209,25 @@ def bootstrap_difference(
     Returns:
         ``(difference on all items, low, high)``.
     """
-    from scipy.stats import bootstrap
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     def difference(index: np.ndarray) -> float:
         return statistic_a(index) - statistic_b(index)
 
     index = np.arange(n)
     estimate = difference(index)
-    result = bootstrap(
-        (index,),
-        difference,
-        vectorized=False,
-        paired=True,
-        n_resamples=n_resamples,
-        confidence_level=confidence_level,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
+    with warnings.catch_warnings():  # every resample equal (e.g. identical runs): a zero-width interval, not a fault
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        result = bootstrap(
+            (index,),
+            difference,
+            vectorized=False,
+            paired=True,
+            n_resamples=n_resamples,
+            confidence_level=confidence_level,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
     low, high = result.confidence_interval
     return float(estimate), float(low), float(high)
 
@@ -570,9 +573,7 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
         row["fit_minutes"] = float(np.mean([results[name, s]["fit_seconds"] for s in seeds]) / 60)
         if "label" in arrays:
             tables = [per_class_table(arrays["label"], p, arrays["class_names"]) for p in arrays["probabilities"][v]]
-            row["per_class"] = {
-                c: {k: float(np.nanmean([t[c][k] for t in tables])) for k in tables[0][c]} for c in tables[0]
-            }
+            row["per_class"] = {c: {k: _nanmean([t[c][k] for t in tables]) for k in tables[0][c]} for c in tables[0]}
         rows.append(row)
     comparisons = []
     for v in range(1, len(names)):
@@ -592,6 +593,12 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
     (out / "study.md").write_text(_markdown(summary))
     _plot(out / "study.png", comparisons, metrics)
     return summary
+
+
+def _nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN, without numpy's warning, when all are (a class absent)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def _write_csv(path: Path, rows: list[dict], comparisons: list[dict], metrics: list[str]) -> None:
