@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -67,3 +68,12 @@ class ColourNet(nn.Module):
         class_logits = self.logits.expand(image.shape[0], -1)
         attention = {"classifier": nn.functional.avg_pool2d(image[:, 0:1], 8)}
         return SkinFusionOutput(mask_logits, class_logits, attention)
+
+
+def capability_forced_down() -> bool:
+    """ATEN_CPU_CAPABILITY asks for less than this CPU has (e.g. avx2 on an AVX-512 CPU, to emulate an older one)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default") and " avx512f" in flags

@@ -7,15 +7,13 @@ inference mode of validate/predict (Lightning's ``Trainer(inference_mode=True)``
 
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from modelutil import tiny_net
+from modelutil import capability_forced_down, tiny_net
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from skinfusion.data.datamodule import SkinFusionDataModule
@@ -187,19 +185,10 @@ def test_compile_must_be_bool_or_dict():
         _module(compile="yes")
 
 
-def _capability_forced_down() -> bool:
-    """ATEN_CPU_CAPABILITY asks for less than this CPU has (e.g. avx2 on an AVX-512 CPU, to emulate an older one)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default") and " avx512f" in flags
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
 @pytest.mark.skipif(
-    _capability_forced_down(),
+    capability_forced_down(),
     reason="inductor's code under an ATEN_CPU_CAPABILITY override is not what an AVX2 CPU runs: with torch 2.14.1 "
     "the compiled network returns NaN there (eager is fine); CPUs that really lack AVX-512 run this test",
 )
