@@ -261,12 +261,12 @@ def heat_map(
 
     from skinfusion.data.records import Record
     from skinfusion.inference.explain import explain
-    from skinfusion.inference.predictor import _ImageDataset  # the predictor's own input preparation
+    from skinfusion.inference.predictor import ImageDataset  # the predictor's own input preparation
 
     if method not in HEAT_MAP_METHODS:
         raise ValueError(f"unknown heat-map method {method!r}; choose from {list(HEAT_MAP_METHODS)}")
     record = prediction.record or Record(image=prediction.image)
-    item = _ImageDataset([record], predictor.image_size, predictor.normalization, meta=predictor.meta_dim > 0)[0]
+    item = ImageDataset([record], predictor.image_size, predictor.normalization, meta=predictor.meta_dim > 0)[0]
     if "error" in item:
         raise item["error"]
     image = item["image"][None].to(predictor.device)

@@ -67,6 +67,14 @@ class InferenceSettings:
         return {key: json.dumps(value) for key, value in self.to_dict().items()}
 
     @classmethod
+    def defaults_for(cls, net: Any) -> InferenceSettings:
+        """A bare network's record (no checkpoint or export gave one): its config, the first ``num_classes`` ISIC
+        classes, the default input settings."""
+        from skinfusion.data.records import ISIC_CLASSES
+
+        return cls(net.config, ISIC_CLASSES[: net.num_classes])
+
+    @classmethod
     def from_metadata(cls, metadata: Mapping[str, str]) -> InferenceSettings:
         return cls(**{f.name: json.loads(metadata[f.name]) for f in fields(cls) if f.name in metadata})
 

@@ -84,9 +84,7 @@ class ExportWrapper(nn.Module):
 
 def _settings(net: SkinFusionNet, settings: InferenceSettings | None) -> InferenceSettings:
     """The record to write: the given one, else the network's own with the default input settings."""
-    from skinfusion.data.records import ISIC_CLASSES
-
-    return settings or InferenceSettings(net.config, ISIC_CLASSES[: net.num_classes])
+    return settings or InferenceSettings.defaults_for(net)
 
 
 def _wrap(net: SkinFusionNet, image_size: int, batch_size: int) -> tuple[ExportWrapper, tuple[Tensor, ...], list[str]]:

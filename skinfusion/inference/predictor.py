@@ -161,7 +161,7 @@ def load_model(path: str | Path) -> tuple[SkinFusionNet, InferenceSettings]:
     return module.net, module.settings
 
 
-class _ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(torch.utils.data.Dataset):
     """Reads, resizes and normalises the images of ``records`` (runs in DataLoader workers)."""
 
     def __init__(self, records: Sequence[Record], image_size: int, normalization: str, meta: bool) -> None:
@@ -253,7 +253,7 @@ class Predictor:
         elif isinstance(model, SkinFusionModule):
             net, settings = model.net, model.settings
         elif isinstance(model, SkinFusionNet):
-            net, settings = model, InferenceSettings(model.config, ISIC_CLASSES[: model.num_classes])
+            net, settings = model, InferenceSettings.defaults_for(model)
         else:  # a network of another type: its number of classes, if it says, and the arguments
             net = model
             settings = InferenceSettings(class_names=ISIC_CLASSES[: getattr(model, "num_classes", len(ISIC_CLASSES))])
@@ -350,7 +350,7 @@ class Predictor:
     def _predict_batches(self, records: list[Record]) -> Iterator[Prediction]:
         from tqdm.auto import tqdm
 
-        dataset = _ImageDataset(records, self.image_size, self.normalization, meta=self.meta_dim > 0)
+        dataset = ImageDataset(records, self.image_size, self.normalization, meta=self.meta_dim > 0)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=self.batch_size,

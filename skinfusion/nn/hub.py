@@ -282,9 +282,7 @@ class SkinFusionHubMixin(
         config = config if config is not None else getattr(self, "_hub_mixin_config", None)
         if isinstance(config, Mapping) and config.get("format") == FORMAT:
             return settings_from_config(config, "config")
-        from skinfusion.data.records import ISIC_CLASSES
-
-        return InferenceSettings(self.config, ISIC_CLASSES[: self.num_classes])
+        return InferenceSettings.defaults_for(self)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """The state dict as ``model.safetensors``, written atomically (shared storage split)."""
