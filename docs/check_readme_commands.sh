@@ -3,7 +3,7 @@
 # size/length overrides appended (--trainer.max_steps, --data.image_size, test_resnet where ImageNet weights
 # would be downloaded). Usage: docs/check_readme_commands.sh REPO DATA  (DATA holds isic2018/; about 3 min)
 set -euo pipefail
-REPO=$1; DATA=$2; W=$(mktemp -d /tmp/readme.XXXX); cd "$W"; echo "workdir $W"
+REPO=$(cd "$1" && pwd); DATA=$(cd "$2" && pwd); W=$(mktemp -d /tmp/readme.XXXX); cd "$W"; echo "workdir $W"
 ok() { echo "OK  $*"; }
 # A small DATA/isic2018 in the official layout: 24 Task 1 pairs, 40 Task 3 images (CSV rows filtered).
 S=DATA/isic2018; mkdir -p $S/ISIC2018_Task1-2_Training_Input $S/ISIC2018_Task1_Training_GroundTruth $S/ISIC2018_Task3_Training_Input
