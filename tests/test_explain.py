@@ -64,6 +64,19 @@ def test_gradcam_defaults_to_the_top_class_and_maps_are_in_unit_range():
         np.testing.assert_allclose(default, explain(net, image, method, classes=top), atol=1e-6)
 
 
+def test_gradcam_is_the_same_under_no_grad_and_inference_mode():
+    """Callers run under no_grad or a Lightning loop's inference mode: explain() still gets its gradients."""
+    net = make_module().net.eval()
+    image = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    expected = explain(net, image, "gradcam")
+    assert expected.max() > 0
+    with torch.no_grad():
+        np.testing.assert_allclose(explain(net, image, "gradcam"), expected, atol=1e-6)
+    with torch.inference_mode():
+        inference_image = image.clone()  # a tensor autograd refuses outside explain()
+        np.testing.assert_allclose(explain(net, inference_image, "gradcam"), expected, atol=1e-6)
+
+
 def test_attention_method_is_the_classifier_map_upsampled():
     net = make_module().net.eval()
     image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(2))

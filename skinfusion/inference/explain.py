@@ -114,18 +114,22 @@ def explain(
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model = ClassLogits(net, meta)
-    if classes is None:
-        with torch.no_grad():
-            classes = model(image).argmax(1).tolist()
-    cam_class = GradCAM if method == "gradcam" else GradCAMPlusPlus
-    was_training = net.training
-    net.eval()
-    try:
-        with cam_class(model=model, target_layers=[gradcam_layer(net)]) as cam:
-            maps = cam(input_tensor=image, targets=[ClassifierOutputTarget(int(c)) for c in classes])
-    finally:
-        net.train(was_training)
+    # Grad-CAM needs autograd whatever the caller runs under (no_grad, or the inference mode of a Lightning
+    # validate/test loop, whose tensors autograd refuses: they are cloned out of it).
+    with torch.inference_mode(False), torch.enable_grad():
+        image = image.clone()
+        model = ClassLogits(net, None if meta is None else meta.clone())
+        if classes is None:
+            with torch.no_grad():
+                classes = model(image).argmax(1).tolist()
+        cam_class = GradCAM if method == "gradcam" else GradCAMPlusPlus
+        was_training = net.training
+        net.eval()
+        try:
+            with cam_class(model=model, target_layers=[gradcam_layer(net)]) as cam:
+                maps = cam(input_tensor=image, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+        finally:
+            net.train(was_training)
     return np.asarray(maps, dtype=np.float32)
 
 

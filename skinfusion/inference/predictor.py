@@ -404,8 +404,7 @@ class Predictor:
 
             top = None if class_prob is None else class_prob.argmax(1).tolist()
             device_meta = None if meta is None else meta.to(self.device)
-            with torch.enable_grad():
-                heat = explain(self.net, images.to(self.device), self.explain, classes=top, meta=device_meta)
+            heat = explain(self.net, images.to(self.device), self.explain, classes=top, meta=device_meta)
         for row, item in enumerate(items):
             record = records[item["index"]]
             width, height = item["size"]

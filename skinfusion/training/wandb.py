@@ -444,11 +444,7 @@ class WandbPanels(pl.Callback):
 
         meta = batch.get("meta")
         try:
-            # `skinfusion validate` runs under inference mode, whose tensors autograd refuses: leave it, and clone
-            # the batch out of it.
-            with torch.inference_mode(False), torch.enable_grad():
-                image = batch["image"].to(dtype).clone()
-                return explain(net, image, self.explain, meta=None if meta is None else meta.to(dtype).clone())
+            return explain(net, batch["image"].to(dtype), self.explain, meta=None if meta is None else meta.to(dtype))
         except Exception as error:  # an optional panel: say why once, go on training
             log.warning("WandbPanels: no %s panel (%s: %s); turned off", self.explain, type(error).__name__, error)
             self.explain = None
