@@ -463,6 +463,12 @@ def _one_hot_truth(
     return probabilities, truth, weights
 
 
+def nanmean(values: Iterable[float]) -> float:
+    """The mean of the values that are not NaN (pandas' rule for macro averages); NaN, quietly, when all are."""
+    finite = [value for value in values if not math.isnan(value)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def classification_scores(
     probabilities: np.ndarray,
     truth: np.ndarray,
@@ -508,8 +514,7 @@ def classification_scores(
             scores[f"{metric}/{name}"] = float(value)
             per_metric[metric].append(float(value))
     for metric, values in per_metric.items():
-        finite = [value for value in values if not math.isnan(value)]
-        scores[f"macro/{metric}"] = float(np.mean(finite)) if finite else math.nan
+        scores[f"macro/{metric}"] = nanmean(values)
     return scores
 
 

@@ -556,6 +556,8 @@ def _statistic(arrays: dict[str, Any], metric: str, variant: int) -> Callable[[n
 
 def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
     """Write ``study.md``, ``study.csv``, ``study.json`` and ``study.png`` from the finished runs in ``out``."""
+    from skinfusion.evaluation.isic import nanmean
+
     out = Path(out)
     spec, names, seeds, results = _load_results(out)
     arrays = _arrays(results, names, seeds)
@@ -573,7 +575,7 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
         row["fit_minutes"] = float(np.mean([results[name, s]["fit_seconds"] for s in seeds]) / 60)
         if "label" in arrays:
             tables = [per_class_table(arrays["label"], p, arrays["class_names"]) for p in arrays["probabilities"][v]]
-            row["per_class"] = {c: {k: _nanmean([t[c][k] for t in tables]) for k in tables[0][c]} for c in tables[0]}
+            row["per_class"] = {c: {k: nanmean([t[c][k] for t in tables]) for k in tables[0][c]} for c in tables[0]}
         rows.append(row)
     comparisons = []
     for v in range(1, len(names)):
@@ -593,12 +595,6 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
     (out / "study.md").write_text(_markdown(summary))
     _plot(out / "study.png", comparisons, metrics)
     return summary
-
-
-def _nanmean(values: list[float]) -> float:
-    """The mean of the values that are not NaN; NaN, without numpy's warning, when all are (a class absent)."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def _write_csv(path: Path, rows: list[dict], comparisons: list[dict], metrics: list[str]) -> None:
