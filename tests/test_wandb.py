@@ -41,6 +41,16 @@ NUM_IMAGES = 8  # WandbPanels' num_images in base.yaml
 EPOCHS = 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_wandb_afterwards():
+    """These tests run wandb with and without WANDB_MODE and credentials; wandb keeps the settings of its first
+    setup for the whole process, so reset it for the test files that come after (test_study's summary run)."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
 # ---------------------------------------------------------------------- reading an offline run
 def _log_records(path: Path):
     """Yield the payloads of a W&B transaction log (LevelDB log format: 32 KiB blocks of 7-byte-headed chunks)."""
