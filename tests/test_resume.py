@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,47 +59,72 @@ def _command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "skinfusion", "fit", "--config", str(BASE), "--config", str(config), *extra]
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _lasts(folder: Path) -> list[Path]:
     return sorted(folder.glob("runs/resume/version_*/checkpoints/last.ckpt"))
 
 
-def _final_metrics(folder: Path) -> dict[str, str]:
-    metrics = sorted(folder.glob("runs/resume/version_*/metrics.csv"))[-1]
-    rows = list(csv.DictReader(metrics.open()))
-    last_epoch = max(int(r["epoch"]) for r in rows if r["epoch"])
-    merged: dict[str, str] = {}
-    for row in rows:
-        if row["epoch"] and int(row["epoch"]) == last_epoch:
-            merged.update({k: v for k, v in row.items() if v and (k.startswith("val/") or k.endswith("_epoch"))})
+def _epoch_metrics(folder: Path) -> dict[int, dict[str, str]]:
+    """Every epoch's validation and epoch-level training metrics, over all the runs in ``folder`` (later win)."""
+    merged: dict[int, dict[str, str]] = {}
+    for metrics in sorted(folder.glob("runs/resume/version_*/metrics.csv")):
+        for row in csv.DictReader(metrics.open()):
+            if row["epoch"]:
+                merged.setdefault(int(row["epoch"]), {}).update(
+                    {k: v for k, v in row.items() if v and k.startswith(("val/", "train/")) and "_step" not in k}
+                )
     return merged
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    """An uninterrupted run of the tiny configuration: its folder and final checkpoint."""
+    folder = tmp_path_factory.mktemp("straight")
+    config = folder / "tiny.yaml"
+    config.write_text(textwrap.dedent(TINY_CONFIG))
+    proc = _run(_command(config), folder)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (reference,) = _lasts(folder)
+    checkpoint = load_checkpoint(reference)
+    assert checkpoint["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    return folder, checkpoint
+
+
+def _resume_and_compare(straight: tuple[Path, dict[str, Any]], killed: Path, config: Path) -> None:
+    reference_folder, reference = straight
+    (interrupted,) = _lasts(killed)
+    proc = _run(_command(config, "--ckpt_path", "last"), killed)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = _lasts(killed)[-1]
+    assert resumed != interrupted
+    resumed_ckpt = load_checkpoint(resumed)
+    assert resumed_ckpt["global_step"] == reference["global_step"]
+    state, expected = resumed_ckpt["state_dict"], reference["state_dict"]
+    assert state.keys() == expected.keys()
+    different = [k for k in expected if not torch.equal(state[k], expected[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    # The logged metrics too, the training epoch means over a resumed epoch included.
+    got, want = _epoch_metrics(killed), _epoch_metrics(reference_folder)
+    assert want[EPOCHS - 1]["train/loss_epoch"]
+    assert want[EPOCHS - 1]["train/dice"]
+    assert got == want
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, straight):
     config = tmp_path / "tiny.yaml"
     config.write_text(textwrap.dedent(TINY_CONFIG))
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir()
-    killed.mkdir()
-
-    _run(_command(config), straight)
-    (reference,) = _lasts(straight)
-    reference_ckpt = load_checkpoint(reference)
-    assert reference_ckpt["global_step"] == EPOCHS * STEPS_PER_EPOCH
-
     # Kill at a random point after the checkpoint of step `target` has appeared (any epoch but the last).
     target = random.Random().randint(1, (EPOCHS - 1) * STEPS_PER_EPOCH)
-    proc = subprocess.Popen(_command(config), cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_command(config), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     step = 0
     while step < target and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-        lasts = _lasts(killed)
+        lasts = _lasts(tmp_path)
         if lasts:
             try:
                 step = load_checkpoint(lasts[0])["global_step"]
@@ -109,20 +135,59 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    (interrupted,) = _lasts(killed)
+    (interrupted,) = _lasts(tmp_path)
     interrupted_step = load_checkpoint(interrupted)["global_step"]  # intact despite the kill
     assert target <= interrupted_step < EPOCHS * STEPS_PER_EPOCH
+    _resume_and_compare(straight, tmp_path, config)
 
-    _run(_command(config, "--ckpt_path", "last"), killed)
-    resumed = _lasts(killed)[-1]
-    assert resumed != interrupted
-    resumed_ckpt = load_checkpoint(resumed)
-    assert resumed_ckpt["global_step"] == reference_ckpt["global_step"]
-    state, expected = resumed_ckpt["state_dict"], reference_ckpt["state_dict"]
-    assert state.keys() == expected.keys()
-    different = [k for k in expected if not torch.equal(state[k], expected[k])]
-    assert not different, f"killed after step {interrupted_step}: {len(different)} tensors differ, e.g. {different[:3]}"
-    assert _final_metrics(killed) == _final_metrics(straight)
+
+# A callback that SIGKILLs its process at a hook once `step` optimiser steps are done.
+_KILLER = """
+import os, signal
+from pytorch_lightning.callbacks import Callback
+
+class KillAt(Callback):
+    def __init__(self, step: int, hook: str) -> None:
+        self.step, self.hook = step, hook
+
+    def _maybe_kill(self, trainer, hook):
+        if hook == self.hook and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_start(self, trainer, *args):
+        self._maybe_kill(trainer, "on_train_batch_start")
+
+    def on_train_epoch_end(self, trainer, *args):
+        self._maybe_kill(trainer, "on_train_epoch_end")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("step", "hook", "saved_step"),
+    [
+        # Mid-epoch: the checkpoint holds the epoch's half-accumulated training metrics.
+        (STEPS_PER_EPOCH + 2, "on_train_batch_start", STEPS_PER_EPOCH + 2),
+        # In an epoch's end, after its validation: the resume redoes the epoch's last step, then its end (a
+        # checkpoint of the last step would resume at the next epoch, and that epoch's metrics would be lost).
+        (STEPS_PER_EPOCH, "on_train_epoch_end", STEPS_PER_EPOCH - 1),
+    ],
+    ids=["mid-epoch", "in-epoch-end"],
+)
+def test_kill_at_chosen_point_then_resume_matches_uninterrupted_run(tmp_path, straight, step, hook, saved_step):
+    (tmp_path / "killer.py").write_text(_KILLER)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(textwrap.dedent(TINY_CONFIG))
+    kill = tmp_path / "kill.yaml"
+    kill.write_text(
+        f"trainer:\n  callbacks+:\n    - class_path: killer.KillAt\n      init_args: {{step: {step}, hook: {hook}}}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = _run([*_command(config), "--config", str(kill)], tmp_path, env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    (interrupted,) = _lasts(tmp_path)
+    assert load_checkpoint(interrupted)["global_step"] == saved_step
+    _resume_and_compare(straight, tmp_path, config)
 
 
 _SAVER = """

@@ -1,7 +1,8 @@
 """Crash-safe checkpoints and exact resumption.
 
-A killed ``skinfusion fit`` resumed with ``--ckpt_path last`` ends with the same weights as a run that was
-never interrupted (bitwise on CPU with ``trainer.deterministic=true``). Besides the data order
+A killed ``skinfusion fit`` resumed with ``--ckpt_path last`` ends with the same weights and logs the same
+metrics as a run that was never interrupted (bitwise on CPU with ``trainer.deterministic=true``; the module
+keeps the epoch's training sums in its checkpoints). Besides the data order
 (:mod:`skinfusion.data.sampling`) that takes atomic, safely loaded checkpoints (:class:`AtomicCheckpointIO`),
 a fresh ``last.ckpt`` (:class:`LastCheckpoint`) and the random states, which Lightning does not save
 (:class:`RNGStateCheckpoint`).
@@ -76,6 +77,14 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.CHECKPOINT_NAME_LAST = filename
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Not after an epoch's last batch: Lightning counts that epoch done, so a run killed in its end (validation,
+        # the epoch's metrics) and resumed from here would skip that end. The epoch-end save below follows anyway.
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
+            return
+        super().on_train_batch_end(trainer, pl_module, *args)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Called after the epoch's validation: the checkpoint carries its results (best score, early stopping).

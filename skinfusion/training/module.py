@@ -35,6 +35,14 @@ __all__ = ["NonFiniteLossError", "SkinFusionModule"]
 STAGES = ("train", "val", "test")
 
 
+def _metric_state(metric: nn.Module) -> dict[str, Any]:
+    """A torchmetrics metric's accumulated states (tensors or lists of tensors, on the CPU) and update count."""
+    state: dict[str, Any] = {"_update_count": metric._update_count}
+    for name, value in metric.metric_state.items():
+        state[name] = [v.detach().cpu() for v in value] if isinstance(value, list) else value.detach().cpu()
+    return state
+
+
 class NonFiniteLossError(SkinFusionError, FloatingPointError):
     """The training loss became NaN or Inf (the message says what to try)."""
 
@@ -132,6 +140,9 @@ class SkinFusionModule(pl.LightningModule):
             {f"{s}_": segmentation_metrics(mask_threshold) for s in STAGES} if self.has_decoder else {}
         )
         self._seen = dict.fromkeys(STAGES, (0, 0))
+        self._train_sums: dict[str, Tensor] = {}  # loss name -> sum of batch mean x batch size, this epoch
+        self._train_weight = 0.0
+        self._pending_epoch_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, image: Tensor, meta: Tensor | None = None) -> SkinFusionOutput:
@@ -165,18 +176,18 @@ class SkinFusionModule(pl.LightningModule):
                 raise NonFiniteLossError(msg)
             log.warning("skipping step: %s", msg)
             return None
-        on_step = stage == "train"
-        for key, value in losses.items():
-            if value.ndim == 0:
-                self.log(
-                    f"{stage}/{key}",
-                    value.detach(),
-                    on_step=on_step,
-                    on_epoch=True,
-                    prog_bar=key == "loss",
-                    batch_size=batch_size,
-                    sync_dist=not on_step,
-                )
+        scalars = {key: value.detach() for key, value in losses.items() if value.ndim == 0}
+        if stage == "train":
+            # Per step here; the epoch means are this module's sums (not Lightning's, which a checkpoint does not
+            # keep), so that a fit resumed mid-epoch logs the same train/*_epoch values as an uninterrupted one.
+            for key, value in scalars.items():
+                self.log(f"train/{key}_step", value, on_step=True, on_epoch=False, prog_bar=key == "loss")
+                self.log(f"train/{key}", value, on_step=True, on_epoch=False, logger=False)  # for monitors
+                self._train_sums[key] = self._train_sums.get(key, 0.0) + value.double() * batch_size
+            self._train_weight += batch_size
+        else:
+            for key, value in scalars.items():
+                self.log(f"{stage}/{key}", value, prog_bar=key == "loss", batch_size=batch_size, sync_dist=True)
         if stage != "train" or self.hparams.get("train_metrics", True):
             self._update_metrics(output, batch, stage)
         return loss
@@ -229,6 +240,12 @@ class SkinFusionModule(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def on_train_epoch_end(self) -> None:
+        # Per process, as the step values (the metrics below are all-reduced by torchmetrics).
+        for key, total in self._train_sums.items():
+            mean = (total / self._train_weight).float()
+            self.log(f"train/{key}_epoch", mean, prog_bar=key == "loss")
+            self.log(f"train/{key}", mean, logger=False)
+        self._train_sums, self._train_weight = {}, 0.0
         self._log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
@@ -317,7 +334,53 @@ class SkinFusionModule(pl.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": self.hparams.scheduler_monitor},
         }
 
+    # ------------------------------------------------------------------ the epoch so far, in checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A mid-epoch checkpoint (LastCheckpoint every n steps) carries what the epoch's training metrics have
+        # accumulated; one written at an epoch's end carries empty sums.
+        if self._trainer is None or self.trainer.world_size > 1:
+            return
+        checkpoint["train_epoch_state"] = {
+            "epoch": self.current_epoch,
+            "loss_sums": {k: v.cpu() for k, v in self._train_sums.items()},
+            "weight": self._train_weight,
+            "seen": list(self._seen["train"]),
+            "metrics": {
+                f"{group}.{name}": _metric_state(metric)
+                for group, collections in (("cls", self.cls_metrics), ("seg", self.seg_metrics))
+                if "train_" in collections
+                for name, metric in collections["train_"].items(keep_base=True, copy_state=False)
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_epoch_state = checkpoint.get("train_epoch_state")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_epoch_state is not None:
+            self._restore_epoch_state(self._pending_epoch_state)
+            self._pending_epoch_state = None
+
+    def _restore_epoch_state(self, state: dict[str, Any]) -> None:
+        if state["epoch"] != self.current_epoch:
+            return  # the checkpoint's epoch is over (Lightning resumes at the next one)
+        self._train_sums = {k: v.to(self.device) for k, v in state["loss_sums"].items()}
+        self._train_weight = float(state["weight"])
+        self._seen["train"] = tuple(state["seen"])
+        for key, saved in state["metrics"].items():
+            group, name = key.split(".", 1)
+            metric = (self.cls_metrics if group == "cls" else self.seg_metrics)["train_"][name]
+            for attr, value in saved.items():
+                if attr == "_update_count":
+                    metric._update_count = int(value)
+                elif isinstance(value, list):
+                    setattr(metric, attr, [v.to(self.device) for v in value])
+                else:
+                    setattr(metric, attr, value.to(self.device))
+
     def on_train_start(self) -> None:
+        if self._pending_epoch_state is None and self.trainer.world_size > 1 and self.trainer.ckpt_path:
+            log.info("multi-process run: the resumed epoch's train/* metrics cover the steps since the resume")
         # After the checkpoint (if any) is restored and the training loader is built: the run's length is known.
         for config in self.trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, WarmupCosine):
