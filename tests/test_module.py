@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -273,3 +274,56 @@ def test_class_names_must_match_network(tiny_net):
 def test_argument_errors(kwargs, match, tiny_net):
     with pytest.raises(ValueError, match=match):
         SkinFusionModule(tiny_net(num_classes=NUM_CLASSES), class_names=["A", "B", "C"], **kwargs)
+
+
+def _accumulated(tiny_net) -> SkinFusionModule:
+    """A module of one process half-way through its second training epoch: loss sums and metric states."""
+    module = SkinFusionModule(tiny_net(seed=0, num_classes=NUM_CLASSES), class_names=["A", "B", "C"])
+    module._trainer = SimpleNamespace(world_size=1, current_epoch=1)
+    for i in range(2):
+        b = batch(n=4, label=[i, 1, 2, -1])
+        with torch.no_grad():
+            module._update_metrics(module(b["image"]), b, "train")
+    module._train_sums, module._train_weight = {"loss": torch.tensor(3.5, dtype=torch.float64)}, 8.0
+    return module
+
+
+@pytest.mark.parametrize(
+    ("world_size", "epoch", "restored"),
+    [(1, 1, True), (1, 2, False), (2, 1, False)],
+    ids=["same-epoch", "later-epoch", "multi-process"],
+)
+def test_training_epoch_state_travels_in_checkpoints(tiny_net, world_size, epoch, restored):
+    """A mid-epoch checkpoint restores the epoch's loss sums and metric states, in the same epoch of one process."""
+    saved = _accumulated(tiny_net)
+    checkpoint: dict = {}
+    saved.on_save_checkpoint(checkpoint)
+    assert "train_epoch_state" in checkpoint
+
+    module = SkinFusionModule(tiny_net(seed=0, num_classes=NUM_CLASSES), class_names=["A", "B", "C"])
+    module._trainer = SimpleNamespace(world_size=world_size, current_epoch=epoch)
+    module.on_load_checkpoint(checkpoint)
+    module.on_train_batch_start(batch(), 0)
+    if restored:
+        want = {**saved.cls_metrics["train_"].compute(), **saved.seg_metrics["train_"].compute()}
+        assert module._seen["train"] == saved._seen["train"] == (8, 6)
+        assert module._train_weight == 8
+        assert module._train_sums["loss"].item() == 3.5
+        got = {**module.cls_metrics["train_"].compute(), **module.seg_metrics["train_"].compute()}
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=name)
+    else:
+        assert module._seen["train"] == (0, 0)
+        assert module._train_weight == 0
+        assert module._train_sums == {}
+        assert module.cls_metrics["train_"]["confmat"].confmat.sum() == 0
+    assert module._pending_epoch_state is None  # applied (or dropped) once
+
+
+def test_multi_process_checkpoints_carry_no_training_epoch_state(tiny_net):
+    module = _accumulated(tiny_net)
+    module._trainer.world_size = 2
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert "train_epoch_state" not in checkpoint

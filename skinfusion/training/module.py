@@ -362,8 +362,10 @@ class SkinFusionModule(pl.LightningModule):
             self._pending_epoch_state = None
 
     def _restore_epoch_state(self, state: dict[str, Any]) -> None:
-        if state["epoch"] != self.current_epoch:
-            return  # the checkpoint's epoch is over (Lightning resumes at the next one)
+        if state["epoch"] != self.current_epoch or self.trainer.world_size > 1:
+            # The checkpoint's epoch is over (Lightning resumes at the next one), or each process would add the
+            # single-process sums again.
+            return
         self._train_sums = {k: v.to(self.device) for k, v in state["loss_sums"].items()}
         self._train_weight = float(state["weight"])
         self._seen["train"] = tuple(state["seen"])
@@ -379,7 +381,7 @@ class SkinFusionModule(pl.LightningModule):
                     setattr(metric, attr, value.to(self.device))
 
     def on_train_start(self) -> None:
-        if self._pending_epoch_state is None and self.trainer.world_size > 1 and self.trainer.ckpt_path:
+        if self.trainer.world_size > 1 and self.trainer.ckpt_path:
             log.info("multi-process run: the resumed epoch's train/* metrics cover the steps since the resume")
         # After the checkpoint (if any) is restored and the training loader is built: the run's length is known.
         for config in self.trainer.lr_scheduler_configs:
