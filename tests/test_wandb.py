@@ -297,6 +297,7 @@ def no_credentials(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "absent-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "absent-config"))
 
 
 def _closed_port() -> int:
@@ -374,6 +375,24 @@ def test_key_of_wandb_login_for_the_installed_wandbs_default_server(no_credentia
     Path("netrc").write_text(f"machine {host} login user password {'d' * 40}\n")
     monkeypatch.setenv("NETRC", str(Path("netrc").resolve()))
     assert find_wandb_api_key() == "d" * 40
+
+
+@pytest.mark.parametrize("where", ["global", "workspace"])
+def test_key_of_wandb_login_for_a_self_hosted_server(no_credentials, monkeypatch, tmp_path, where):
+    """`wandb login --host URL` stores URL in a settings file and the key under URL's host."""
+    folder = tmp_path / ("config" if where == "global" else "wandb")
+    folder.mkdir()
+    (folder / "settings").write_text("[default]\nbase_url = https://wandb.example.org\n")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.chdir(tmp_path)
+    Path("netrc").write_text(
+        f"machine api.example.org login user password {'a' * 40}\n"
+        f"machine wandb.example.org login user password {'s' * 40}\n"
+    )
+    monkeypatch.setenv("NETRC", str(Path("netrc").resolve()))
+    assert find_wandb_api_key() == "s" * 40
+    monkeypatch.setenv("WANDB_BASE_URL", "https://api.example.org")  # the environment wins, as in wandb
+    assert find_wandb_api_key() == "a" * 40
 
 
 @pytest.mark.parametrize("mode", ["online", "disabled", "offline"])

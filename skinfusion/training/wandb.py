@@ -48,12 +48,29 @@ log = logging.getLogger(__name__)
 
 
 def _base_url() -> str:
-    """``WANDB_BASE_URL``, else the installed wandb's own default server (it has moved between wandb releases)."""
+    """The W&B server wandb would use: ``WANDB_BASE_URL``, else a settings file's ``base_url``, else its default.
+
+    ``wandb login --host URL`` (a self-hosted server) writes ``base_url`` into the global settings file
+    (``$WANDB_CONFIG_DIR/settings``, else ``~/.config/wandb/settings``); a project's ``wandb/settings`` overrides
+    it. The default server has moved between wandb releases, so it comes from the installed wandb.
+    """
     if url := os.environ.get("WANDB_BASE_URL"):
         return url
+    import configparser
+
     import wandb
 
-    return wandb.Settings().base_url
+    settings = wandb.Settings()
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+    url = settings.base_url
+    for path in (config_dir / "settings", Path(settings.settings_workspace)):  # the workspace file wins
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+        except configparser.Error:
+            continue  # wandb reports a broken settings file itself
+        url = parser.get("default", "base_url", fallback=url)
+    return url
 
 
 def find_wandb_api_key(base_url: str | None = None) -> str | None:
