@@ -171,6 +171,26 @@ def test_evaluate_main(tmp_path, hand_case, capsys):
         evaluate_main(["--truth", str(manifest), "--out", str(tmp_path / "r")])  # neither --predictions nor --ckpt
 
 
+def test_evaluate_main_scores_the_test_split_by_default(tmp_path, hand_case, capsys):
+    """A manifest with a split column: without --split only its test rows are scored; --split all scores all."""
+    manifest, pred = hand_case
+    lines = manifest.read_text().splitlines()
+    splits = ["train", "test", "val", "test"]  # A train, B test (mask only), C val, D test (label only)
+    rows = [f"{line},{split}" for line, split in zip(lines[1:], splits, strict=True)]
+    manifest.write_text("\n".join([lines[0] + ",split", *rows]) + "\n")
+    report = evaluate_main(["--predictions", str(pred), "--truth", str(manifest), "--out", str(tmp_path / "r")])
+    assert report["task1/num_images"] == 1  # B
+    assert report["task3/num_images"] == 1  # D
+    captured = capsys.readouterr()
+    assert "test split" in captured.err
+    assert json.loads(captured.out)["split"] == "test"
+    report = evaluate_main(
+        ["--predictions", str(pred), "--truth", str(manifest), "--out", str(tmp_path / "all"), "--split", "all"]
+    )
+    assert (report["task1/num_images"], report["task3/num_images"]) == (2, 3)
+    assert json.loads(capsys.readouterr().out)["split"] == "all"
+
+
 @pytest.mark.real_data
 def test_report_on_real_sample(tmp_path, shared_data):
     """The mixed real sample (masks only, labels only, both; JPEG and PH2 PNG) end to end."""

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -314,7 +315,8 @@ def evaluate(
             one is read at the original resolution), an ISIC 2018 layout folder, or records.
         worst: number of images in ``worst_segmentations/`` (0: none).
         subset: ISIC subset when a layout folder holds several.
-        split: keep only records whose ``meta["split"]`` is this.
+        split: keep only records whose ``meta["split"]`` is this; ``None`` or ``"all"``: every record
+            (``skinfusion evaluate`` without ``--split`` passes ``"test"`` when the truth has a split column).
         explain: also measure whether the maps look at the lesion (needs a Predictor): ``attention`` and/or
             ``gradcam``/``gradcam++``, against a uniform map: ``explain.md``, ``explain/*.png`` and
             ``explain/<map>/{mass_inside,pointing_game}`` in ``metrics.json``.
@@ -328,10 +330,10 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = collect_records(truth, subset=subset)
-    if split is not None:
+    if split not in (None, "all"):
         records = [r for r in records if r.meta.get("split") == split]
         if not records:
-            raise DataError(None, f"no record in split {split!r}")
+            raise DataError(None, f"no record in split {split!r} (--split all: every record)")
     records = [r for r in records if r.mask or r.label]
     if explain and not isinstance(predictions, Predictor):
         raise ValueError("explain needs a model to explain (--ckpt), not a folder of predictions")
@@ -441,7 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--predictions", default=None, help="prediction folder (masks/, predictions.csv) to score")
     parser.add_argument("--subset", default=None, help="ISIC subset when the truth folder holds several")
-    parser.add_argument("--split", choices=("train", "val", "test"), default=None, help="only this manifest split")
+    parser.add_argument(
+        "--split",
+        choices=("train", "val", "test", "all"),
+        default=None,
+        help="only this manifest split; all: every image (default: test when the truth has a split column, "
+        "otherwise all)",
+    )
     parser.add_argument("--worst", type=int, default=8, help="images in the worst-segmentation gallery (default: 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -474,9 +482,13 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         explain = [m for m in explain if m != "attention"]  # a network without attention: Grad-CAM only
         if not explain:
             parser.error("--explain attention: this network has no attention map; use gradcam")
-    report = evaluate(
-        source, args.truth, args.out, worst=args.worst, subset=args.subset, split=args.split, explain=explain
-    )
+    split = args.split
+    if split is None:  # a manifest with a split column: its test split (never the training images)
+        has_split = any(r.meta.get("split") for r in collect_records(args.truth, subset=args.subset))
+        split = "test" if has_split else "all"
+        what = "the test split (--split all: every split)" if has_split else "every image (the truth has no split)"
+        print(f"skinfusion evaluate: scoring {what}", file=sys.stderr)
+    report = evaluate(source, args.truth, args.out, worst=args.worst, subset=args.subset, split=split, explain=explain)
     headline = {k: v for k, v in report.items() if k in ("task1/threshold_jaccard", "task3/balanced_accuracy")}
-    print(json.dumps({"out": str(args.out), **headline}, indent=2))
+    print(json.dumps({"out": str(args.out), "split": split, **headline}, indent=2))
     return report
