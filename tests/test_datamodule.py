@@ -406,3 +406,40 @@ def test_isic_sample_manifest(shared_data):
                 assert batch["mask"][i].sum() == 0
             else:  # a crop can lie entirely inside a large lesion, so only "not empty"
                 assert batch["mask"][i].sum() > 0
+
+
+def test_metadata_dropout_withholds_fields_in_training_only():
+    """Training samples see metadata withheld (whole or per field), reproducibly per (seed, epoch, index);
+    validation keeps what the data has."""
+    from skinfusion.data.dataset import SkinLesionDataset, encode_metadata, withhold_metadata
+    from skinfusion.data.records import Record
+    from skinfusion.data.sampling import EpochSeededDataset
+
+    meta = {"age": 40.0, "sex": "male", "site": "back"}
+    rng = np.random.default_rng(0)
+    draws = [withhold_metadata(meta, rng, all_fields=0.5) for _ in range(400)]
+    whole = sum(d == {} for d in draws) / len(draws)
+    assert 0.4 < whole < 0.6
+    assert all(d in ({}, meta) for d in draws)  # all_fields alone never splits the fields
+    rng = np.random.default_rng(1)
+    per_field = [withhold_metadata(meta, rng, per_field=0.3) for _ in range(600)]
+    for name in ("age", "sex", "site"):
+        share = sum(name not in d for d in per_field) / len(per_field)
+        assert 0.22 < share < 0.38, (name, share)
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    records = [Record(image=f"ISIC_{i:07d}.png", label="NV", meta=meta) for i in range(64)]
+    dataset = SkinLesionDataset(records, ["NV"], use_metadata=True, metadata_dropout=0.5)
+    dataset.load = lambda index: (image, None)
+    seeded = EpochSeededDataset(dataset, seed=3)
+    unknown = encode_metadata({})
+    first = [seeded[(0, i)]["meta"] for i in range(64)]
+    again = [seeded[(0, i)]["meta"] for i in range(64)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # reproducible
+    n_unknown = sum(bool(np.array_equal(m.numpy(), unknown)) for m in first)
+    assert 16 < n_unknown < 48
+    kept = SkinLesionDataset(records, ["NV"], use_metadata=True)
+    kept.load = lambda index: (image, None)
+    assert all(np.array_equal(kept[i]["meta"].numpy(), encode_metadata(meta)) for i in range(8))
+    with pytest.raises(ValueError, match="metadata_dropout"):
+        SkinLesionDataset(records, ["NV"], metadata_dropout=1.5)

@@ -19,7 +19,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "prepare": ("prepare",),
     "synthetic": ("make_lesion", "write_synthetic", "synthetic_records"),
     "transforms": ("build_transforms",),
-    "dataset": ("SkinLesionDataset", "encode_metadata", "META_DIM", "SITES"),
+    "dataset": ("SkinLesionDataset", "encode_metadata", "withhold_metadata", "META_DIM", "SITES"),
     "datamodule": ("SkinFusionDataModule",),
 }
 # public name -> module that defines it

@@ -98,6 +98,11 @@ class SkinFusionDataModule(pl.LightningDataModule):
             loss's ``class_weights="auto"`` and ``class_priors="auto"`` correct the imbalance that remains
             (:attr:`class_frequencies`), so that sampling and weighting never correct it twice.
         use_metadata: add encoded clinical metadata (``meta``) to batches.
+        metadata_dropout: training only: probability that a sample's metadata (age, sex, site) is withheld whole,
+            so that the network sees "unknown" for every class (in the pool only HAM10000 images have metadata:
+            without this, "unknown" means "an ISIC Task 1 image, so NV/MEL/BKL" and image-only predictions
+            lose the other classes). Validation and test keep the metadata the data has.
+        metadata_field_dropout: training only: probability that each field is withheld otherwise.
         fractions: train/val/test fractions for rows without a split.
         seed: seed of the split, shuffling, sampling and augmentation.
         max_side: read images downscaled to this longest side (for large originals); ``None``: full size.
@@ -133,6 +138,8 @@ class SkinFusionDataModule(pl.LightningDataModule):
         label_map: dict[str, str] | None = None,
         balanced_sampling: bool | float = False,
         use_metadata: bool = False,
+        metadata_dropout: float = 0.0,
+        metadata_field_dropout: float = 0.0,
         fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         seed: int = 0,
         max_side: int | None = None,
@@ -158,6 +165,9 @@ class SkinFusionDataModule(pl.LightningDataModule):
             raise ValueError(f"class_names must be a non-empty list of distinct names, got {class_names}")
         if not 0.0 <= float(balanced_sampling) <= 1.0:
             raise ValueError(f"balanced_sampling must be a bool or a power in [0, 1], got {balanced_sampling}")
+        for name, value in (("metadata_dropout", metadata_dropout), ("metadata_field_dropout", metadata_field_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         normalized = normalized_fractions(fractions)
         self.save_hyperparameters()
         self.manifest = manifest
@@ -178,6 +188,8 @@ class SkinFusionDataModule(pl.LightningDataModule):
         self.label_map = dict(label_map) if label_map else None
         self.balanced_sampling = float(balanced_sampling)
         self.use_metadata = use_metadata
+        self.metadata_dropout = metadata_dropout
+        self.metadata_field_dropout = metadata_field_dropout
         self.fractions = normalized
         self.seed = seed
         self.max_side = max_side
@@ -354,7 +366,8 @@ class SkinFusionDataModule(pl.LightningDataModule):
                 self.seed, getattr(rank_zero_only, "rank", 0) or 0, SPLITS.index(split) if split in SPLITS else 3
             ),
         )
-        return SkinLesionDataset(records, self._class_names, transform, self.use_metadata, self.max_side)
+        dropout = (self.metadata_dropout, self.metadata_field_dropout) if split == "train" else (0.0, 0.0)
+        return SkinLesionDataset(records, self._class_names, transform, self.use_metadata, self.max_side, *dropout)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (``fit``, ``validate``, ``test``, ``predict``; ``None``: all).

@@ -85,6 +85,26 @@ def encode_metadata(meta: Mapping[str, Any]) -> np.ndarray:
     return vector
 
 
+#: The fields of :func:`encode_metadata`, in the order :func:`withhold_metadata` draws them.
+META_FIELDS: tuple[str, ...] = ("age", "sex", "site")
+
+
+def withhold_metadata(
+    meta: Mapping[str, Any], rng: np.random.Generator, all_fields: float = 0.0, per_field: float = 0.0
+) -> dict[str, Any]:
+    """``meta`` with fields withheld at random (modality dropout), as a training augmentation.
+
+    With probability ``all_fields`` every field of :data:`META_FIELDS` is withheld; otherwise each is withheld
+    with probability ``per_field``. A withheld field reads as missing, exactly as in an image that never had it,
+    so "metadata unknown" is seen for every class and stops marking the data sets that lack it.
+    """
+    if rng.random() < all_fields:
+        dropped = set(META_FIELDS)
+    else:
+        dropped = {name for name in META_FIELDS if rng.random() < per_field}
+    return {k: v for k, v in meta.items() if k not in dropped}
+
+
 class SkinLesionDataset(Dataset):
     """Images with optional masks and labels, transformed into samples of the Batch contract.
 
@@ -100,6 +120,9 @@ class SkinLesionDataset(Dataset):
         use_metadata: add the encoded metadata (:func:`encode_metadata`) under ``meta``.
         max_side: read images downscaled so their longest side is at most this (masks follow,
             staying binary); ``None`` reads them at full size.
+        metadata_dropout: probability that a sample's metadata is withheld whole (:func:`withhold_metadata`);
+            for training only.
+        metadata_field_dropout: probability that each field (age, sex, site) is withheld otherwise.
 
     Raises:
         DataError: (at construction) a label not in ``class_names``; (when reading) an unreadable
@@ -113,7 +136,12 @@ class SkinLesionDataset(Dataset):
         transform: Callable[..., dict[str, Any]] | None = None,
         use_metadata: bool = False,
         max_side: int | None = None,
+        metadata_dropout: float = 0.0,
+        metadata_field_dropout: float = 0.0,
     ) -> None:
+        for name, value in (("metadata_dropout", metadata_dropout), ("metadata_field_dropout", metadata_field_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.records = list(records)
         self.class_names = tuple(class_names)
         self.class_to_index = {name: i for i, name in enumerate(self.class_names)}
@@ -125,6 +153,13 @@ class SkinLesionDataset(Dataset):
         self.transform = transform
         self.use_metadata = use_metadata
         self.max_side = max_side
+        self.metadata_dropout = metadata_dropout
+        self.metadata_field_dropout = metadata_field_dropout
+        self._rng = np.random.default_rng(0)
+
+    def set_random_seed(self, seed: int) -> None:
+        """Seed the metadata withholding (``EpochSeededDataset`` does it per sample, as for the transform)."""
+        self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -167,5 +202,8 @@ class SkinLesionDataset(Dataset):
             "id": record.id,
         }
         if self.use_metadata:
-            sample["meta"] = torch.from_numpy(encode_metadata(record.meta))
+            meta = record.meta
+            if self.metadata_dropout or self.metadata_field_dropout:
+                meta = withhold_metadata(meta, self._rng, self.metadata_dropout, self.metadata_field_dropout)
+            sample["meta"] = torch.from_numpy(encode_metadata(meta))
         return sample

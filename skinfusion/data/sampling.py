@@ -170,8 +170,11 @@ class EpochSeededDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         transform = getattr(self.dataset, "transform", None)
+        seed = mixed_seed(self.seed, epoch, index)
         if hasattr(transform, "set_random_seed"):
-            transform.set_random_seed(mixed_seed(self.seed, epoch, index))
+            transform.set_random_seed(seed)
+        if hasattr(self.dataset, "set_random_seed"):  # the dataset's own draws (metadata withholding)
+            self.dataset.set_random_seed(seed)
         return self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:
