@@ -105,6 +105,11 @@ def withhold_metadata(
     return {k: v for k, v in meta.items() if k not in dropped}
 
 
+def unknown_metadata(like: torch.Tensor) -> torch.Tensor:
+    """Encoded metadata with every field withheld, shaped, typed and placed like ``like`` (B, META_DIM)."""
+    return torch.as_tensor(encode_metadata({}), dtype=like.dtype, device=like.device).expand_as(like)
+
+
 class SkinLesionDataset(Dataset):
     """Images with optional masks and labels, transformed into samples of the Batch contract.
 

@@ -13,7 +13,17 @@ __all__ = ["ISICTestReport", "MetricsSummary"]
 
 log = logging.getLogger(__name__)
 
-_SUMMARY_KEYS = ("loss", "dice", "jaccard", "threshold_jaccard", "accuracy", "balanced_accuracy", "f1_macro", "auc")
+_SUMMARY_KEYS = (
+    "loss",
+    "dice",
+    "jaccard",
+    "threshold_jaccard",
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "auc",
+    "image_only/balanced_accuracy",
+)
 
 
 class MetricsSummary(pl.Callback):

@@ -19,6 +19,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from skinfusion.data.datamodule import SkinFusionDataModule
+from skinfusion.data.dataset import unknown_metadata
 from skinfusion.data.records import ISIC_CLASSES
 from skinfusion.errors import SkinFusionError
 from skinfusion.evaluation.metrics import classification_metrics, flatten_metrics, segmentation_metrics
@@ -139,6 +140,13 @@ class SkinFusionModule(pl.LightningModule):
         self.seg_metrics = nn.ModuleDict(
             {f"{s}_": segmentation_metrics(mask_threshold) for s in STAGES} if self.has_decoder else {}
         )
+        # With a metadata branch, validation and test also score the diagnosis with the metadata withheld
+        # ({stage}/image_only/...): what `predict DIR`, the demo and any image without age/sex/site get.
+        self.image_only_metrics = nn.ModuleDict(
+            {f"{s}_": classification_metrics(num_classes) for s in ("val", "test")}
+            if self.has_classifier and getattr(net, "meta_dim", 0)
+            else {}
+        )
         self._seen = dict.fromkeys(STAGES, (0, 0))
         self._train_sums: dict[str, Tensor] = {}  # loss name -> sum of batch mean x batch size, this epoch
         self._train_weight = 0.0
@@ -205,6 +213,10 @@ class SkinFusionModule(pl.LightningModule):
             if labelled.any():
                 self.cls_metrics[f"{stage}_"].update(output.class_logits.float().softmax(-1), batch["label"])
                 n_cls += int(labelled.sum())
+                if f"{stage}_" in self.image_only_metrics and batch.get("meta") is not None:
+                    unknown = unknown_metadata(batch["meta"])
+                    logits = self(batch["image"], unknown).class_logits
+                    self.image_only_metrics[f"{stage}_"].update(logits.float().softmax(-1), batch["label"])
         self._seen[stage] = (n_seg, n_cls)
 
     def _log_epoch_metrics(self, stage: str) -> None:
@@ -226,6 +238,12 @@ class SkinFusionModule(pl.LightningModule):
                 self.last_confmat[stage] = computed["confmat"].cpu()
                 values.update(flatten_metrics(computed, self.class_names, stage))
             self.cls_metrics[f"{stage}_"].reset()
+            image_only = self.image_only_metrics[f"{stage}_"] if f"{stage}_" in self.image_only_metrics else {}  # noqa: SIM401 (ModuleDict has no get)
+            if any(m.update_called for m in image_only.values()):
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="No positive samples in targets")
+                    values.update(flatten_metrics(image_only.compute(), self.class_names, f"{stage}/image_only"))
+                image_only.reset()
         self._seen[stage] = (0, 0)
         if values:
             self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=False, sync_dist=False)
