@@ -185,7 +185,9 @@ def test_evaluate_explain_reports_lesion_focus_against_a_uniform_map(tmp_path):
     write_synthetic(tmp_path / "syn", n=6, seed=2, size=72)
     manifest = tmp_path / "syn" / "manifest.csv"
     out = tmp_path / "report"
-    report = evaluate_main(["--ckpt", str(ckpt), "--truth", str(manifest), "--out", str(out), "--explain"])
+    report = evaluate_main(
+        ["--ckpt", str(ckpt), "--truth", str(manifest), "--split", "all", "--out", str(out), "--explain"]
+    )
     # The uniform row is the lesion's mean share of the image at the network size: computed here by hand.
     from skinfusion.inference.inputs import collect_records
 
