@@ -264,3 +264,25 @@ def test_subset_cache_keeps_lesion_groups_within_the_budget(tmp_path):
         assert (out / row["image"]).read_bytes() == (tmp_path / "prep" / row["image"]).read_bytes()
     assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) <= 0.05 * 2**20 + 4096  # + subset.json
     assert json.loads((out / "subset.json").read_text())["images"] == len(rows)
+
+
+def test_kit_sizes_the_batch_and_names_the_peak_for_each_lent_card(kit):
+    """The kit runs on an H100 (80 GB, about 78 GiB usable) first and an H200 (141 GB) as the fallback: the same
+    training batch on both so their figures compare, a smaller one on a smaller card, and each card's datasheet
+    bf16 peak (the H100 PCIe and NVL variants differ from the SXM one)."""
+    assert kit.train_batch_for(78.0) == kit.train_batch_for(139.0) == 128
+    assert kit.train_batch_for(40.0) < 128
+    assert kit.train_batch_for(None) == 128
+    assert kit.datasheet_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert kit.datasheet_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert kit.datasheet_bf16_tflops("NVIDIA H200") == 989.0
+    assert kit.datasheet_bf16_tflops("Tesla T4") is None
+
+
+def test_kit_plan_leaves_slack_in_its_budget():
+    """README's table of expected step times adds up to under the 470 s the kit enforces (slack for a slow start)."""
+    text = (REPO / "benchmarks" / "gpu" / "README.md").read_text()
+    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| \d+ \| \w+ \|", line)]
+    assert len(rows) == 8
+    upper = [float(row[5].strip().split("-")[-1]) for row in rows]
+    assert sum(upper) < 470, upper

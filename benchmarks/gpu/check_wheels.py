@@ -1,4 +1,4 @@
-"""Check that skinfusion's requirements are met on the H200 machine: by the carried wheels or by its image.
+"""Check that skinfusion's requirements are met on the H100 / H200 machines: by the carried wheels or by its image.
 
     python benchmarks/gpu/check_wheels.py .whl          # here: the wheels in .whl/ against h200-packages.txt
     python3 benchmarks/gpu/check_wheels.py --installed  # there (run.sh's env step): the installed versions
@@ -25,7 +25,7 @@ from packaging.utils import canonicalize_name
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-#: The H200 machine's interpreter (KINDS.md: Python 3.12.3 on x86-64 Linux).
+#: The H100 / H200 machines' interpreter (KINDS.md: one image, Python 3.12.3 on x86-64 Linux).
 TARGET = {
     "python_version": "3.12",
     "python_full_version": "3.12.3",
@@ -146,7 +146,7 @@ def main() -> int:
     if args.installed == (args.folder is not None):
         parser.error("give a wheel folder or --installed")
     problems = check_installed() if args.installed else check_wheels(args.folder)
-    what = "installed packages" if args.installed else f"wheels in {args.folder} + the H200 image's packages"
+    what = "installed packages" if args.installed else f"wheels in {args.folder} + the H100/H200 image's packages"
     for line in problems:
         print(f"  {line}")
     print(f"requirements of skinfusion: {len(problems)} problem(s) with the {what}")

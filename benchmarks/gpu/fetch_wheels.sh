@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Download the wheels that the H200 machine lacks (wheels.txt) for CPython 3.12 / manylinux x86_64 into .whl/ at
-# the repository root (ignored by git; the device call carries it), drop any other wheel there, and check that
-# every requirement is met there (check_wheels.py). Run it here, where pip reaches the package registry:
+# Download the wheels that the H100 / H200 machines (one image) lack (wheels.txt) for CPython 3.12 / manylinux x86_64
+# into .whl/ at the repository root (ignored by git; the device call carries it), drop any other wheel there, and
+# check that every requirement is met there (check_wheels.py). Run it here, where pip reaches the package registry:
 #   benchmarks/gpu/fetch_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU kit, one call: benchmarks/gpu/run.sh OUTDIR [--smoke]          (benchmarks/gpu/README.md)
 #
-# On the H200 machine: installs the carried wheels (.whl/) into $KIT_SITE, then runs kit.py's steps within 8
+# On the H100 / H200 machine: installs the carried wheels (.whl/) into $KIT_SITE, then runs kit.py's steps within 8
 # minutes, each writing into OUTDIR as soon as it has a result: log.txt (this log), env.txt, tests.txt, results.md,
 # results.jsonl, realdata.txt (6 files; the device returns at most 8). --smoke: the same steps on the CPU with a
 # tiny network at 32 px, no wheels (CI: tests/test_gpu_kit.py). Exit status 0 when every step finished.
