@@ -443,3 +443,31 @@ def test_metadata_dropout_withholds_fields_in_training_only():
     assert all(np.array_equal(kept[i]["meta"].numpy(), encode_metadata(meta)) for i in range(8))
     with pytest.raises(ValueError, match="metadata_dropout"):
         SkinLesionDataset(records, ["NV"], metadata_dropout=1.5)
+
+
+def test_cross_validation_folds_partition_train_and_val(tmp_path):
+    """cv_folds: the validation folds partition the manifest's train+val pool (each image once), training is the
+    rest, the test split is untouched, and the folds do not move with the training seed."""
+    from skinfusion.data.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "syn", n=60, size=32)
+    manifest = str(tmp_path / "syn" / "manifest.csv")
+    plain = SkinFusionDataModule(manifest=manifest)
+    pool = {r.id for split in ("train", "val") for r in plain.records(split)}
+    test = {r.id for r in plain.records("test")}
+    seen: list[str] = []
+    for fold in range(3):
+        dm = SkinFusionDataModule(manifest=manifest, cv_folds=3, cv_fold=fold)
+        val = {r.id for r in dm.records("val")}
+        train = {r.id for r in dm.records("train")}
+        assert val
+        assert not val & train
+        assert val | train == pool
+        assert {r.id for r in dm.records("test")} == test
+        seen += sorted(val)
+        assert {
+            r.id for r in SkinFusionDataModule(manifest=manifest, cv_folds=3, cv_fold=fold, seed=5).records("val")
+        } == val
+    assert sorted(seen) == sorted(pool)
+    with pytest.raises(ValueError, match="cv_fold"):
+        SkinFusionDataModule(cv_folds=3, cv_fold=3)

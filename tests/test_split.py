@@ -130,3 +130,26 @@ def test_leakage_detected():
     records = [Record(image=Path("a.jpg"), lesion_id="L"), Record(image=Path("b.jpg"), lesion_id="L")]
     with pytest.raises(DataError, match="span several splits"):
         check_no_leakage(records, {"a": "train", "b": "val"})
+
+
+def test_assign_folds_keeps_lesions_together_and_spreads_every_class():
+    """Cross-validation folds: no lesion in two folds, each class's lesions spread evenly, every image once."""
+    from skinfusion.data.split import assign_folds
+
+    records = []
+    for label, lesions in (("NV", 60), ("DF", 11), ("VASC", 7)):
+        for lesion in range(lesions):
+            for _image in range(1 + lesion % 3):  # 1-3 images a lesion
+                records.append(Record(image=f"ISIC_{len(records):07d}.jpg", label=label, lesion_id=f"{label}{lesion}"))
+    folds = assign_folds(records, 5, seed=0)
+    assert set(folds) == {r.id for r in records}
+    assert set(folds.values()) == set(range(5))
+    check_no_leakage(records, {k: str(v) for k, v in folds.items()})
+    for label, lesions in (("NV", 60), ("DF", 11), ("VASC", 7)):
+        per_fold = [len({r.lesion_id for r in records if r.label == label and folds[r.id] == k}) for k in range(5)]
+        assert sum(per_fold) == lesions
+        assert max(per_fold) - min(per_fold) <= 2, (label, per_fold)
+    assert assign_folds(records, 5, seed=0) == folds
+    assert assign_folds(records, 5, seed=1) != folds
+    with pytest.raises(ValueError, match="folds"):
+        assign_folds(records, 1)

@@ -32,7 +32,7 @@ from skinfusion.data.sampling import (
     mixed_seed,
     resume_position,
 )
-from skinfusion.data.split import SPLITS, assign_splits, normalized_fractions
+from skinfusion.data.split import SPLITS, assign_folds, assign_splits, normalized_fractions
 from skinfusion.data.synthetic import SYNTHETIC_VERSION, synthetic_records, write_synthetic
 from skinfusion.data.transforms import build_transforms, normalize_tensor
 from skinfusion.data.validate import check_sizes, check_unique_ids, validate_records
@@ -104,6 +104,13 @@ class SkinFusionDataModule(pl.LightningDataModule):
             lose the other classes). Validation and test keep the metadata the data has.
         metadata_field_dropout: training only: probability that each field is withheld otherwise.
         fractions: train/val/test fractions for rows without a split.
+        cv_folds: lesion-grouped, label-stratified cross-validation over the training and validation splits
+            together (:func:`~skinfusion.data.split.assign_folds`, seeded by ``cv_seed``, not ``seed``, so every
+            training seed sees the same folds): validation is fold ``cv_fold`` and training the other folds. The
+            ``cv_folds`` runs of folds ``0 .. cv_folds - 1`` score every lesion of the pool once, rare classes
+            included (the 10 % validation split holds 5 DF lesions). The test split is left as it is. 0: off.
+        cv_fold: the validation fold, ``0 .. cv_folds - 1``.
+        cv_seed: seed of the fold assignment.
         seed: seed of the split, shuffling, sampling and augmentation.
         max_side: read images downscaled to this longest side (for large originals); ``None``: full size.
         drop_last: drop the last incomplete training batch (when there is more than one batch).
@@ -141,6 +148,9 @@ class SkinFusionDataModule(pl.LightningDataModule):
         metadata_dropout: float = 0.0,
         metadata_field_dropout: float = 0.0,
         fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        cv_folds: int = 0,
+        cv_fold: int = 0,
+        cv_seed: int = 0,
         seed: int = 0,
         max_side: int | None = None,
         drop_last: bool = True,
@@ -168,6 +178,10 @@ class SkinFusionDataModule(pl.LightningDataModule):
         for name, value in (("metadata_dropout", metadata_dropout), ("metadata_field_dropout", metadata_field_dropout)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if cv_folds == 1 or cv_folds < 0 or (cv_folds and not 0 <= cv_fold < cv_folds):
+            raise ValueError(
+                f"cv_folds must be 0 (off) or >= 2 and cv_fold in [0, cv_folds), got {cv_folds}, {cv_fold}"
+            )
         normalized = normalized_fractions(fractions)
         self.save_hyperparameters()
         self.manifest = manifest
@@ -191,6 +205,7 @@ class SkinFusionDataModule(pl.LightningDataModule):
         self.metadata_dropout = metadata_dropout
         self.metadata_field_dropout = metadata_field_dropout
         self.fractions = normalized
+        self.cv_folds, self.cv_fold, self.cv_seed = cv_folds, cv_fold, cv_seed
         self.seed = seed
         self.max_side = max_side
         self.drop_last = drop_last
@@ -309,6 +324,17 @@ class SkinFusionDataModule(pl.LightningDataModule):
             by_split: dict[str, list[Record]] = {s: [] for s in SPLITS}
             for record in records:
                 by_split[splits[record.id]].append(record)
+            if self.cv_folds:
+                pool = by_split["train"] + by_split["val"]
+                folds = assign_folds(pool, self.cv_folds, self.cv_seed)
+                by_split["val"] = [r for r in pool if folds[r.id] == self.cv_fold]
+                by_split["train"] = [r for r in pool if folds[r.id] != self.cv_fold]
+                log.info(
+                    "cross-validation: fold %d of %d validates (%d images)",
+                    self.cv_fold,
+                    self.cv_folds,
+                    len(by_split["val"]),
+                )
             for name in ("train", "val"):  # an image with neither annotation teaches nothing
                 annotated = [r for r in by_split[name] if r.label is not None or r.mask is not None]
                 if left_out := len(by_split[name]) - len(annotated):

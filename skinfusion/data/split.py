@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from skinfusion.data.records import Record
 from skinfusion.errors import DataError
 
-__all__ = ["SPLITS", "assign_splits", "check_no_leakage", "group_label", "normalized_fractions"]
+__all__ = ["SPLITS", "assign_folds", "assign_splits", "check_no_leakage", "group_label", "normalized_fractions"]
 
 #: Split names, in the order of ``fractions``.
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -77,7 +77,37 @@ def assign_splits(
     bad = {s for s in fixed.values() if s not in SPLITS}
     if bad:
         raise ValueError(f"fixed splits must be one of {SPLITS}, got {sorted(bad)}")
+    return _assign_groups(records, SPLITS, fractions, seed, fixed)
 
+
+def assign_folds(records: Sequence[Record], folds: int, seed: int = 0) -> dict[str, int]:
+    """Assign every record to one of ``folds`` lesion-grouped, label-stratified folds (for cross-validation).
+
+    Every group (lesion) lands in one fold, and each class is spread over the folds as evenly as its groups
+    allow (the greedy largest-remainder rule of :func:`assign_splits`), so that the out-of-fold predictions of
+    ``folds`` runs score every lesion once, rare classes included.
+
+    Returns:
+        ``{image_id: fold}`` with folds ``0 .. folds - 1``.
+
+    Raises:
+        ValueError: ``folds`` below 2.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    names = tuple(str(k) for k in range(folds))
+    assigned = _assign_groups(records, names, (1.0 / folds,) * folds, seed, {})
+    return {rid: int(fold) for rid, fold in assigned.items()}
+
+
+def _assign_groups(
+    records: Sequence[Record],
+    names_out: Sequence[str],
+    fractions: Sequence[float],
+    seed: int,
+    fixed: Mapping[str, str],
+) -> dict[str, str]:
+    """The greedy group assignment shared by :func:`assign_splits` and :func:`assign_folds`."""
     ids = [r.id for r in records]  # Record.id parses the path: compute it once
     record_group = [r.group for r in records]
     groups: dict[str, list[Record]] = defaultdict(list)
@@ -100,19 +130,19 @@ def assign_splits(
 
     open_splits = [k for k, f in enumerate(fractions) if f > 0]
     total = len(records)
-    overall = [0] * len(SPLITS)
+    overall = [0] * len(names_out)
     for name, split in group_split.items():
-        overall[SPLITS.index(split)] += len(groups[name])
+        overall[names_out.index(split)] += len(groups[name])
 
     rng = random.Random(seed)
     # Sorted strata (None last) so that the result does not depend on record order beyond the shuffle.
     for label in sorted(strata, key=lambda s: (s is None, s or "")):
         names = sorted(strata[label])
         size = sum(len(groups[n]) for n in names)
-        counts = [0] * len(SPLITS)
+        counts = [0] * len(names_out)
         for n in names:
             if n in group_split:
-                counts[SPLITS.index(group_split[n])] += len(groups[n])
+                counts[names_out.index(group_split[n])] += len(groups[n])
         free = [n for n in names if n not in group_split]
         rng.shuffle(free)
         free.sort(key=lambda n: -len(groups[n]))
@@ -125,7 +155,7 @@ def assign_splits(
                     -k,
                 ),
             )
-            group_split[n] = SPLITS[k]
+            group_split[n] = names_out[k]
             counts[k] += len(groups[n])
             overall[k] += len(groups[n])
 
