@@ -199,3 +199,93 @@ def test_report_on_real_sample(tmp_path, shared_data):
     assert report["task1/num_images"] == 61
     assert report["task3/num_images"] == 124
     assert len(list((tmp_path / "report" / "worst_segmentations").iterdir())) == 4
+
+
+def test_evaluate_scores_the_diagnosis_with_and_without_metadata(tmp_path):
+    """A network with a metadata branch is scored twice: with the truth's age/sex/site (task3/*) and with them
+    withheld (task3_image_only/*, image_only/predictions.csv): the image-only CSV is what the predictor gives for
+    the same records stripped of their metadata, and the metadata changes the outputs."""
+    import csv as csv_module
+    import dataclasses
+
+    from skinfusion.data.dataset import META_DIM, META_FIELDS
+    from skinfusion.data.synthetic import write_synthetic
+    from skinfusion.evaluation.isic import read_classification_csv
+    from skinfusion.inference.inputs import collect_records
+
+    ckpt = save_ckpt(tmp_path / "model.ckpt", make_module(seed=3, meta_dim=META_DIM))
+    write_synthetic(tmp_path / "syn", n=12, seed=1, size=48)
+    manifest = tmp_path / "syn" / "manifest.csv"
+    report = evaluate(Predictor(ckpt, progress=False), manifest, tmp_path / "report", split="all", worst=0)
+    labelled = [r for r in collect_records(manifest) if r.label]
+    assert report["task3_image_only/num_images"] == report["task3/num_images"] == len(labelled)
+    assert report["task3/num_with_metadata"] == sum(1 for r in labelled if r.meta.get("age") not in (None, ""))
+    assert report["task3/num_with_metadata"] > 0
+    names = list(ISIC_CLASSES)
+    ids, blind = read_classification_csv(tmp_path / "report" / "image_only" / "predictions.csv", names)
+    _, seen = read_classification_csv(tmp_path / "report" / "predictions" / "predictions.csv", names)
+    stripped = [
+        dataclasses.replace(r, mask=None, meta={k: v for k, v in r.meta.items() if k not in META_FIELDS})
+        for r in labelled
+    ]
+    expected = {p.id: p.probabilities for p in Predictor(ckpt, progress=False).predict_records(stripped)}
+    np.testing.assert_allclose(blind, np.stack([expected[i] for i in ids]), atol=1e-5)
+    assert not np.allclose(blind, seen, atol=1e-4)  # the metadata branch is read
+    truth = np.array([names.index({r.id: r.label for r in labelled}[i]) for i in ids])
+    recalls = [np.mean(blind[truth == k].argmax(1) == k) for k in range(len(names)) if (truth == k).any()]
+    assert report["task3_image_only/balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    text = (tmp_path / "report" / "per_class.md").read_text()
+    assert "diagnosis from the image alone" in text
+    with open(tmp_path / "report" / "image_only" / "predictions.csv") as f:
+        assert len(list(csv_module.reader(f))) == len(labelled) + 1
+
+
+def test_evaluate_of_a_network_without_metadata_scores_one_way(tmp_path):
+    from skinfusion.data.synthetic import write_synthetic
+
+    ckpt = save_ckpt(tmp_path / "model.ckpt", make_module(seed=3))
+    write_synthetic(tmp_path / "syn", n=8, seed=1, size=48)
+    report = evaluate(Predictor(ckpt, progress=False), tmp_path / "syn" / "manifest.csv", tmp_path / "r", worst=0)
+    assert "task3/balanced_accuracy" in report
+    assert not any(k.startswith("task3_image_only/") for k in report)
+    assert not (tmp_path / "r" / "image_only").exists()
+
+
+def test_evaluate_cv_folds_score_each_train_and_val_image_once(tmp_path):
+    """--cv-folds K --cv-fold k scores fit's validation fold k: over k the folds partition the train and val rows
+    (lesions kept together by assign_folds), never the test split."""
+    from skinfusion.data import SkinFusionDataModule
+    from skinfusion.data.synthetic import write_synthetic
+    from skinfusion.evaluation.isic import read_classification_csv
+    from skinfusion.inference.inputs import collect_records
+
+    ckpt = save_ckpt(tmp_path / "model.ckpt", make_module(seed=3))
+    write_synthetic(tmp_path / "syn", n=24, seed=1, size=48)
+    manifest = tmp_path / "syn" / "manifest.csv"
+    records = collect_records(manifest)
+    pool = sorted(r.id for r in records if r.label and r.meta["split"] in ("train", "val"))
+    seen: list[str] = []
+    for fold in range(3):
+        out = tmp_path / f"fold{fold}"
+        argv = ["--ckpt", str(ckpt), "--truth", str(manifest), "--out", str(out), "--worst", "0", "--no-progress"]
+        evaluate_main([*argv, "--cv-folds", "3", "--cv-fold", str(fold)])
+        ids, _ = read_classification_csv(out / "predictions" / "predictions.csv", list(ISIC_CLASSES))
+        seen += list(ids)
+        fit_fold = SkinFusionDataModule(manifest=str(manifest), cv_folds=3, cv_fold=fold).records("val")
+        assert sorted(ids) == sorted(r.id for r in fit_fold if r.label)  # the fold fit validated on
+    assert sorted(seen) == pool
+    with pytest.raises(SystemExit):
+        evaluate_main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--truth",
+                str(manifest),
+                "--out",
+                str(tmp_path / "x"),
+                "--cv-folds",
+                "3",
+                "--split",
+                "val",
+            ]
+        )

@@ -11,6 +11,9 @@
       roc_curves.png               one-vs-rest ROC curve of every class present in the truth
       worst_segmentations/         the N lowest-Jaccard images: truth contour green, prediction magenta
       predictions/                 (when a Predictor is given) the masks and CSV that were scored
+      image_only/                  (a Predictor whose network reads age/sex/site) the diagnosis CSV predicted
+                                   with that metadata withheld, scored as task3_image_only/*: what
+                                   `predict DIR` and the demo give for images without it
 
 Records with a mask are scored for Task 1 (at the mask's own, original resolution), records with a label for
 Task 3; the parts of a task that no record has truth for are left out.
@@ -34,7 +37,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from skinfusion.data.dataset import META_FIELDS
 from skinfusion.data.records import Record
+from skinfusion.data.split import assign_folds
 from skinfusion.errors import DataError
 from skinfusion.evaluation.isic import (
     SEGMENTATION_METRICS,
@@ -162,7 +167,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _per_class_markdown(metrics: dict[str, Any], classification: dict[str, Any] | None) -> str:
+def _per_class_markdown(
+    metrics: dict[str, Any], classification: dict[str, Any] | None, image_only: dict[str, Any] | None = None
+) -> str:
     lines = ["# Evaluation report", ""]
     if "task1/num_images" in metrics:
         lines += [
@@ -208,6 +215,31 @@ def _per_class_markdown(metrics: dict[str, Any], classification: dict[str, Any] 
             "One-vs-rest, a probability > 0.5 counting as positive (the official scorer's rule), so a class "
             "can be the argmax without being positive here: these sensitivities are not the argmax recall above. "
             "n/a: the class is absent from the truth.",
+            "",
+        ]
+    if image_only is not None:
+        names = image_only["class_names"]
+        support = np.bincount(image_only["truth"], minlength=len(names))
+        lines += [
+            f"## Task 3 — diagnosis from the image alone ({metrics['task3_image_only/num_images']} images; "
+            f"age, sex and site withheld from the {metrics['task3/num_with_metadata']} that have them)",
+            "",
+            "What `skinfusion predict DIR` and the demo give for images without clinical metadata. Balanced "
+            f"accuracy: **{_fmt(metrics['task3_image_only/balanced_accuracy'])}** "
+            f"(with the metadata: {_fmt(metrics['task3/balanced_accuracy'])})",
+            "",
+            "| class | support | recall (image only) | recall (with metadata) | precision (image only) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *(
+                md_row(
+                    name,
+                    support[i],
+                    _fmt(metrics.get(f"task3_image_only/argmax/recall/{name}")),
+                    _fmt(metrics.get(f"task3/argmax/recall/{name}")),
+                    _fmt(metrics.get(f"task3_image_only/argmax/precision/{name}")),
+                )
+                for i, name in enumerate(names)
+            ),
             "",
         ]
     return "\n".join(lines)
@@ -305,6 +337,7 @@ def evaluate(
     subset: str | None = None,
     split: str | None = None,
     explain: Sequence[str] | None = None,
+    cv: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
     """Score predictions against the truth and write an evaluation report folder (see the module docstring).
 
@@ -320,9 +353,15 @@ def evaluate(
         explain: also measure whether the maps look at the lesion (needs a Predictor): ``attention`` and/or
             ``gradcam``/``gradcam++``, against a uniform map: ``explain.md``, ``explain/*.png`` and
             ``explain/<map>/{mass_inside,pointing_game}`` in ``metrics.json``.
+        cv: ``(folds, fold, seed)``: score only the validation fold ``fold`` of the lesion-grouped
+            cross-validation that ``fit --data.cv_folds folds --data.cv_fold fold --data.cv_seed seed`` trained
+            with (the same :func:`~skinfusion.data.split.assign_folds` of the train and val rows); instead of
+            ``split``.
 
     Returns:
-        The metrics written to ``metrics.json``.
+        The metrics written to ``metrics.json``. With a Predictor whose network reads clinical metadata, the
+        diagnosis is scored twice: ``task3/*`` with the metadata the truth has, ``task3_image_only/*`` with
+        age, sex and site withheld (what ``predict DIR`` and the demo see).
 
     Raises:
         DataError: see :func:`score_predictions`; or no record is left after ``split``.
@@ -330,7 +369,9 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = collect_records(truth, subset=subset)
-    if split not in (None, "all"):
+    if cv is not None:
+        records = cv_fold_records(records, *cv)
+    elif split not in (None, "all"):
         records = [r for r in records if r.meta.get("split") == split]
         if not records:
             raise DataError(None, f"no record in split {split!r} (--split all: every record)")
@@ -353,14 +394,31 @@ def evaluate(
         predictions.write(stream, out_dir / "predictions", masks=True, csv=True)
         if explain:
             focus = _lesion_focus(predictions, records, explain, out_dir, heats)
+        blind = _image_only_predictions(predictions, scored, out_dir / IMAGE_ONLY_DIR)
         records, predictions = scored, out_dir / "predictions"
+    else:  # a folder of predictions: its image-only CSV too, when it has one
+        blind = Path(predictions) / IMAGE_ONLY_DIR / CSV_NAME
+        blind = blind if blind.is_file() else None
     masks_dir, csv_path = _prediction_files(predictions)
     metrics, rows, classification = score_predictions(records, masks_dir, csv_path)
+    blind_classification = None
+    if blind is not None and classification is not None:
+        blind_metrics, _, blind_classification = score_predictions(
+            [dataclasses.replace(r, mask=None) for r in records if r.label], None, blind
+        )
+        metrics.update({f"task3_image_only/{k[len('task3/') :]}": v for k, v in blind_metrics.items()})
+        metrics["task3/num_with_metadata"] = sum(1 for r in records if r.label and _has_clinical_metadata(r))
 
     if classification is not None:
         table = per_class_table(classification["truth"], classification["probabilities"], classification["class_names"])
         for name, row in table.items():
             metrics.update({f"task3/argmax/{key}/{name}": row[key] for key in _ARGMAX_COLUMNS})
+    if blind_classification is not None:
+        table = per_class_table(
+            blind_classification["truth"], blind_classification["probabilities"], blind_classification["class_names"]
+        )
+        for name, row in table.items():
+            metrics.update({f"task3_image_only/argmax/{key}/{name}": row[key] for key in _ARGMAX_COLUMNS})
     if explain:
         for name, row in focus.items():
             metrics.update({f"explain/{name}/{key}": row[key] for key in ("mass_inside", "pointing_game")})
@@ -369,7 +427,7 @@ def evaluate(
         matrix = confusion_matrix(classification["truth"], classification["probabilities"])
         report["confusion_matrix"] = {"class_names": classification["class_names"], "counts": matrix.tolist()}
     atomic_write(out_dir / "metrics.json", json.dumps(report, indent=2))
-    atomic_write(out_dir / "per_class.md", _per_class_markdown(metrics, classification))
+    atomic_write(out_dir / "per_class.md", _per_class_markdown(metrics, classification, blind_classification))
     if rows:
         buffer = io.StringIO()
         writer = csv.DictWriter(
@@ -427,6 +485,49 @@ def _lesion_focus(
     return table
 
 
+#: Folder of an evaluation's (or a predictions folder's) image-only diagnosis CSV: metadata withheld.
+IMAGE_ONLY_DIR = "image_only"
+
+
+def _has_clinical_metadata(record: Record) -> bool:
+    return any(str(record.meta.get(field, "") or "").strip() for field in META_FIELDS)
+
+
+def _image_only_predictions(predictor: Predictor, records: Sequence[Record], out_dir: Path) -> Path | None:
+    """Predict the diagnosis of the labelled ``records`` with age, sex and site withheld into ``out_dir``'s CSV;
+    ``None`` when the network has no metadata branch (its diagnosis is image-only already) or no record has
+    metadata to withhold (both ways would be the same)."""
+    labelled = [r for r in records if r.label]
+    if not predictor.meta_dim or not any(_has_clinical_metadata(r) for r in labelled):
+        return None
+    blind = [
+        dataclasses.replace(r, mask=None, meta={k: v for k, v in r.meta.items() if k not in META_FIELDS})
+        for r in labelled
+    ]
+    run = copy.copy(predictor)
+    run.explain = None
+    log.info("scoring the diagnosis again with age, sex and site withheld (%d images)", len(blind))
+    run.write(run.predict_records(blind), out_dir, masks=False, csv=True)
+    return out_dir / CSV_NAME
+
+
+def cv_fold_records(records: Sequence[Record], folds: int, fold: int, seed: int = 0) -> list[Record]:
+    """The validation fold ``fold`` of ``fit --data.cv_folds folds --data.cv_seed seed``: the same lesion-grouped
+    folds of the records whose split is train or val (the test split is never in a fold).
+
+    Raises:
+        DataError: the records carry no train/val split (a manifest written by ``skinfusion prepare`` does).
+        ValueError: ``folds`` below 2 or ``fold`` out of range.
+    """
+    if not 0 <= fold < folds:
+        raise ValueError(f"cv fold must be in [0, {folds}), got {fold}")
+    pool = [r for r in records if r.meta.get("split") in ("train", "val")]
+    if not pool:
+        raise DataError(None, "cross-validation folds need a manifest with train/val splits (skinfusion prepare)")
+    assigned = assign_folds(pool, folds, seed)
+    return [r for r in pool if assigned[r.id] == fold]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skinfusion evaluate",
@@ -450,6 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this manifest split; all: every image (default: test when the truth has a split column, "
         "otherwise all)",
     )
+    parser.add_argument(
+        "--cv-folds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="score the validation fold --cv-fold of a K-fold cross-validation (fit --data.cv_folds K): the same "
+        "lesion-grouped folds of the train and val rows; instead of --split",
+    )
+    parser.add_argument("--cv-fold", type=int, default=0, metavar="k", help="the fold, 0 .. K-1 (default: 0)")
+    parser.add_argument("--cv-seed", type=int, default=0, help="seed of the folds (fit's data.cv_seed; default: 0)")
     parser.add_argument("--worst", type=int, default=8, help="images in the worst-segmentation gallery (default: 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -482,13 +593,33 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         explain = [m for m in explain if m != "attention"]  # a network without attention: Grad-CAM only
         if not explain:
             parser.error("--explain attention: this network has no attention map; use gradcam")
+    cv = None
+    if args.cv_folds:
+        if args.split is not None:
+            parser.error("give --split or --cv-folds, not both")
+        if args.cv_folds < 2 or not 0 <= args.cv_fold < args.cv_folds:
+            parser.error(f"--cv-folds must be >= 2 and --cv-fold in [0, {args.cv_folds}), got {args.cv_fold}")
+        cv = (args.cv_folds, args.cv_fold, args.cv_seed)
     split = args.split
-    if split is None:  # a manifest with a split column: its test split (never the training images)
+    if cv is not None:
+        split = f"cv fold {args.cv_fold} of {args.cv_folds}"
+        print(f"skinfusion evaluate: scoring validation fold {args.cv_fold} of {args.cv_folds}", file=sys.stderr)
+    elif split is None:  # a manifest with a split column: its test split (never the training images)
         has_split = any(r.meta.get("split") for r in collect_records(args.truth, subset=args.subset))
         split = "test" if has_split else "all"
         what = "the test split (--split all: every split)" if has_split else "every image (the truth has no split)"
         print(f"skinfusion evaluate: scoring {what}", file=sys.stderr)
-    report = evaluate(source, args.truth, args.out, worst=args.worst, subset=args.subset, split=split, explain=explain)
-    headline = {k: v for k, v in report.items() if k in ("task1/threshold_jaccard", "task3/balanced_accuracy")}
+    report = evaluate(
+        source,
+        args.truth,
+        args.out,
+        worst=args.worst,
+        subset=args.subset,
+        split=None if cv else split,
+        explain=explain,
+        cv=cv,
+    )
+    keys = ("task1/threshold_jaccard", "task3/balanced_accuracy", "task3_image_only/balanced_accuracy")
+    headline = {k: v for k, v in report.items() if k in keys}
     print(json.dumps({"out": str(args.out), "split": split, **headline}, indent=2))
     return report
