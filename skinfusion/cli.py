@@ -37,10 +37,11 @@ _COMMANDS = {
     "prepare": ("skinfusion.data.prepare", "prepare_main"),
     "export": ("skinfusion.inference.export", "export_main"),
     "study": ("skinfusion.evaluation.study", "study_main"),
+    "crossval": ("skinfusion.evaluation.crossval", "crossval_main"),
     "demo": ("skinfusion.demo", "demo_main"),
 }
 
-_TOP_HELP = """usage: skinfusion [--debug] {fit,validate,test,predict,evaluate,prepare,export,study,demo} ...
+_TOP_HELP = """usage: skinfusion [--debug] {fit,validate,test,predict,evaluate,crossval,prepare,export,study,demo} ...
 
 Joint lesion segmentation and diagnosis for dermoscopic images.
 
@@ -52,6 +53,8 @@ commands:
              original image size
   evaluate   --truth PATH --ckpt CKPT --out DIR: ISIC challenge metrics at the original
              resolution, per-class table, confusion matrix, ROC curves, worst segmentations
+  crossval   --truth M --run FOLD_DIR... [--run ...] --out DIR: pool the folds of a k-fold
+             cross-validation (every lesion scored once), both ways, seed-aware intervals
   prepare    validate data sources, write a resized cache and a split manifest
   export     export a trained checkpoint to ONNX, TorchScript, safetensors or a Hugging Face
              folder (config.json, model.safetensors, model card)

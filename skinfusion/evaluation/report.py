@@ -423,6 +423,8 @@ def evaluate(
         for name, row in focus.items():
             metrics.update({f"explain/{name}/{key}": row[key] for key in ("mass_inside", "pointing_game")})
     report = {k: _json_value(v) for k, v in metrics.items()}
+    if cv is not None:  # skinfusion crossval pools the folds by it
+        report["cv"] = {"folds": cv[0], "fold": cv[1], "seed": cv[2]}
     if classification is not None:
         matrix = confusion_matrix(classification["truth"], classification["probabilities"])
         report["confusion_matrix"] = {"class_names": classification["class_names"], "counts": matrix.tolist()}

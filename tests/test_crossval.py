@@ -1,0 +1,106 @@
+"""skinfusion crossval: the folds of each seed pooled into one score of every lesion, both ways."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from imgutil import rgb, save
+
+from skinfusion.errors import DataError
+from skinfusion.evaluation.crossval import crossval_main, pool_crossval
+
+CLASSES = ["MEL", "NV"]
+
+
+def _manifest(root: Path) -> Path:
+    """Six labelled images: lesions A (2 images, MEL), B (MEL), C (NV), D (NV), E (NV); sources given."""
+    rows = ["id,image,label,lesion_id,split,source"]
+    spec = [("MEL", "A", "isic_task3"), ("MEL", "A", "isic_task3"), ("MEL", "B", "isic_task1")]
+    spec += [("NV", "C", "isic_task1"), ("NV", "D", "isic_task3"), ("NV", "E", "isic_task3")]
+    for i, (label, lesion, source) in enumerate(spec):
+        save(root / f"ISIC_{i:07d}.png", rgb(8, 8, seed=i))
+        rows.append(f"ISIC_{i:07d},ISIC_{i:07d}.png,{label},{lesion},train,{source}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.csv"
+
+
+def _fold(folder: Path, fold: int, predicted: dict[int, str], blind: dict[int, str], jaccard: dict[int, float]):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"cv": {"folds": 2, "fold": fold, "seed": 0}}))
+    for sub, labels in (("predictions", predicted), ("image_only", blind)):
+        if not labels:
+            continue
+        (folder / sub).mkdir()
+        lines = ["image,MEL,NV"] + [
+            f"ISIC_{i:07d},{0.9 if c == 'MEL' else 0.1},{0.1 if c == 'MEL' else 0.9}" for i, c in labels.items()
+        ]
+        (folder / sub / "predictions.csv").write_text("\n".join(lines) + "\n")
+    rows = ["id,threshold_jaccard"] + [f"ISIC_{i:07d},{j}" for i, j in jaccard.items()]
+    (folder / "per_image_segmentation.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_pooled_folds_are_scored_per_seed_with_support(tmp_path):
+    """By hand. Seed 0: with metadata every image right (1.0); image only MEL 1/3, NV 3/3 -> 2/3.
+    Seed 1: with metadata MEL 2/3, NV 2/3 -> 2/3; image only MEL 0, NV 1 -> 1/2. Jaccard: Task 1 images 2 and 3."""
+    manifest = _manifest(tmp_path)
+    right = {0: "MEL", 1: "MEL", 2: "MEL", 3: "NV", 4: "NV", 5: "NV"}
+    s0 = [
+        _fold(
+            tmp_path / "s0/f0",
+            0,
+            {i: right[i] for i in (0, 1, 3)},
+            {0: "NV", 1: "NV", 3: "NV"},
+            {0: 1.0, 1: 0.8, 3: 0.0},
+        ),
+        _fold(
+            tmp_path / "s0/f1",
+            1,
+            {i: right[i] for i in (2, 4, 5)},
+            {2: "MEL", 4: "NV", 5: "NV"},
+            {2: 0.7, 4: 0.9, 5: 0.6},
+        ),
+    ]
+    s1 = [
+        _fold(
+            tmp_path / "s1/f0", 0, {0: "MEL", 1: "NV", 3: "NV"}, {0: "NV", 1: "NV", 3: "NV"}, {0: 1.0, 1: 1.0, 3: 1.0}
+        ),
+        _fold(
+            tmp_path / "s1/f1", 1, {2: "MEL", 4: "MEL", 5: "NV"}, {2: "NV", 4: "NV", 5: "NV"}, {2: 1.0, 4: 1.0, 5: 1.0}
+        ),
+    ]
+    report = pool_crossval(manifest, [s0, s1], tmp_path / "out", n_resamples=200)
+    m = report["metrics"]
+    assert m["with_metadata/balanced_accuracy"]["per_seed"] == pytest.approx([1.0, 2 / 3])
+    assert m["image_only/balanced_accuracy"]["per_seed"] == pytest.approx([2 / 3, 1 / 2])
+    assert m["image_only/balanced_accuracy"]["mean"] == pytest.approx(7 / 12)
+    low, high = m["image_only/balanced_accuracy"]["interval"]
+    assert low <= 7 / 12 <= high
+    assert m["image_only/recall/MEL"]["per_seed"] == pytest.approx([1 / 3, 0.0])
+    assert report["support"] == {"MEL": {"images": 3, "lesions": 2}, "NV": {"images": 3, "lesions": 3}}
+    assert m["task1_threshold_jaccard"]["per_seed"] == pytest.approx([0.35, 1.0])
+    assert m["task1_threshold_jaccard"]["num_images"] == 2
+    assert m["threshold_jaccard"]["per_seed"] == pytest.approx([4.0 / 6, 1.0])
+    text = (tmp_path / "out" / "crossval.md").read_text()
+    assert "| MEL | 3 | 2 |" in text
+    assert json.loads((tmp_path / "out" / "crossval.json").read_text())["runs"] == 2
+
+
+def test_crossval_refuses_missing_or_repeated_folds(tmp_path, capsys):
+    manifest = _manifest(tmp_path)
+    f0 = _fold(tmp_path / "f0", 0, {0: "MEL", 1: "MEL", 3: "NV"}, {}, {})
+    f1 = _fold(tmp_path / "f1", 1, {2: "MEL", 4: "NV", 5: "NV"}, {}, {})
+    again = _fold(tmp_path / "again", 1, {1: "MEL", 4: "NV", 5: "NV"}, {}, {})
+    with pytest.raises(DataError, match="each of the 2 folds"):
+        pool_crossval(manifest, [[f0]])
+    with pytest.raises(DataError, match="two folds"):
+        pool_crossval(manifest, [[f0, again]])
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metrics.json").write_text("{}")
+    with pytest.raises(DataError, match="no cross-validation fold"):
+        pool_crossval(manifest, [[tmp_path / "plain", f1]])
+    report = crossval_main(["--truth", str(manifest), "--run", str(f0), str(f1), "--out", str(tmp_path / "o")])
+    assert report["metrics"]["with_metadata/balanced_accuracy"]["per_seed"] == [1.0]
+    assert "balanced accuracy, with the metadata" in capsys.readouterr().out
