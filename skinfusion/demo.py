@@ -32,6 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from skinfusion.data.dataset import META_FIELDS as META_KEYS
+from skinfusion.data.dataset import SEXES, SITES
+from skinfusion.data.records import Record
 from skinfusion.inference.explain import EXPLAIN_METHODS
 from skinfusion.io import atomic_path, atomic_write
 
@@ -102,6 +105,8 @@ TOY_CONFIG: dict[str, Any] = {
         "image_size": 48,
         "batch_size": 16,
         "normalization": "unit",
+        "use_metadata": True,  # the synthetic lesions carry age, sex and site: the page's patient fields
+        "metadata_dropout": 0.5,  # withheld from half the training images, so the image alone works too
         "fractions": (0.8, 0.2, 0.0),
         "num_workers": 0,
         "seed": 0,
@@ -189,7 +194,7 @@ def _train_toy(config: dict[str, Any], path: Path, data_root: Path) -> dict[str,
 
     pl.seed_everything(int(config["data"].get("seed", 0)), verbose=False)
     data = SkinFusionDataModule(root=str(data_root), **config["data"])
-    net = SkinFusionNet(num_classes=data.num_classes, **config["net"])
+    net = SkinFusionNet(num_classes=data.num_classes, meta_dim=data.meta_dim, **config["net"])
     optimizer = functools.partial(torch.optim.AdamW, lr=config["lr"], weight_decay=1e-4)
     module = SkinFusionModule(  # a short run ends well with the learning rate decayed
         net, optimizer=optimizer, scheduler=WarmupCosine, class_names=list(data.class_names), train_metrics=False
@@ -240,6 +245,7 @@ class Analysis:
     mask_preview: np.ndarray | None = None
     probabilities: dict[str, float] | None = None
     mask_file: Path | None = None
+    inputs: dict[str, Any] | None = None
 
 
 def heat_map(
@@ -284,12 +290,18 @@ def analyse(
     out_dir: str | Path | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    age: float | None = None,
+    sex: str | None = None,
+    site: str | None = None,
 ) -> Analysis:
     """Predict one uploaded file (``None``: nothing uploaded) and prepare what the page shows; never raises.
 
     ``out_dir`` is the folder for the mask download (default: a fresh temporary folder); ``max_pixels`` limits
-    width x height, read from the header. The result's ``error`` holds a message for the user when the input is
-    unusable. A heat map the model cannot give leaves ``heat`` empty and says why in the summary.
+    width x height, read from the header. ``age`` (years), ``sex`` and ``site`` are the patient's clinical
+    metadata when the user has them (``None``: unknown); a network with a metadata branch reads them, and the
+    summary and ``inputs`` say which inputs the prediction used. The result's ``error`` holds a message for the
+    user when the input is unusable. A heat map the model cannot give leaves ``heat`` empty and says why in the
+    summary.
     """
     import cv2
 
@@ -319,8 +331,11 @@ def analyse(
             error=f"{name} is too large: {width}x{height} = {width * height / 1e6:.1f} megapixels "
             f"(the limit is {max_pixels / 1e6:g} megapixels)."
         )
+    if age is not None and not (isinstance(age, (int, float)) and 0 <= age <= 120):  # also NaN
+        return Analysis(error=f"age must be a number of years between 0 and 120, got {age!r}")
+    meta = {k: v for k, v in (("age", age), ("sex", sex), ("site", site)) if v not in (None, "")}
     try:
-        prediction = next(iter(predictor.predict_paths([path])))
+        prediction = next(iter(predictor.predict_records([Record(image=path, meta=meta)])))
         image = read_image(path, max_side=DISPLAY_SIDE, max_pixels=None)
     except DataError as error:
         return Analysis(error=f"{name} could not be decoded ({error.reason}). Is the file complete?")
@@ -358,8 +373,25 @@ def analyse(
         lines.append(f"most probable: {top} ({prob:.0%})")
     of_top = f" of {top}" if method != "attention" and top is not None else ""
     lines.append(heat_note if heat is None else f"heat map: {label}{of_top}")
+    result.inputs = {"image": True, **prediction.inputs}
+    lines.append(describe_inputs(result.inputs, given=meta))
     result.summary = " · ".join(lines)
     return result
+
+
+def describe_inputs(inputs: dict[str, Any], given: dict[str, Any] | None = None) -> str:
+    """One line saying what a prediction used: the image, and which of age, sex and site (``inputs`` as in
+    :attr:`~skinfusion.inference.predictor.Prediction.inputs`; ``given``: what the user entered)."""
+    given = given or {}
+    if not inputs.get("metadata_branch"):
+        ignored = " (age, sex and site given are not read by it)" if given else ""
+        return f"inputs used: the image only: this model reads no clinical metadata{ignored}"
+    used = [f"{k} {v:g}" if k == "age" else f"{k} {v}" for k, v in inputs.items() if k in META_KEYS and v is not None]
+    unread = [k for k in META_KEYS if inputs.get(k) is None and k in given]
+    text = "inputs used: the image" + (", " + ", ".join(used) if used else " only (no age, sex or site given)")
+    if unread:
+        text += f"; not recognised: {', '.join(unread)}"
+    return text
 
 
 def build_demo(
@@ -385,11 +417,24 @@ def build_demo(
     work = Path(tempfile.mkdtemp(prefix="skinfusion-demo-"))
     names = ", ".join(predictor.class_names)
 
-    def run(path: str | None, method: str):
+    reads_metadata = predictor.meta_dim > 0
+
+    def run(path: str | None, method: str, age: str | None = None, sex: str | None = None, site: str | None = None):
         if not path:  # cleared, or nothing uploaded yet: a prompt, not an error
             return f'<div class="sf-prompt">{_PROMPT}</div>', None, None, None, None, None
         _forget_old(work)
-        analysis = analyse(predictor, path, method, work / uuid.uuid4().hex, max_bytes, max_pixels)
+        unknown = (None, "", "unknown")
+        analysis = analyse(
+            predictor,
+            path,
+            method,
+            work / uuid.uuid4().hex,
+            max_bytes,
+            max_pixels,
+            age=_parse_age(age),
+            sex=None if sex in unknown else sex,
+            site=None if site in unknown else site,
+        )
         if analysis.error is not None:
             status = f'<div class="sf-error" role="alert" style="{_ERROR_STYLE}">⚠️ {_escape(analysis.error)}</div>'
             return status, None, None, None, None, None
@@ -419,6 +464,18 @@ def build_demo(
                     label="Heat map",
                     elem_id="sf-method",
                 )
+                clinical = []
+                if reads_metadata:  # the network's metadata branch reads them; unknown is a valid answer
+                    with gr.Accordion("Patient (optional: leave unknown if you do not have it)", open=True):
+                        clinical = [
+                            gr.Textbox(label="Age (years)", placeholder="unknown", max_lines=1, elem_id="sf-age"),
+                            gr.Dropdown(["unknown", *SEXES], value="unknown", label="Sex", elem_id="sf-sex"),
+                            gr.Dropdown(
+                                ["unknown", *SITES], value="unknown", label="Anatomical site", elem_id="sf-site"
+                            ),
+                        ]
+                else:
+                    gr.Markdown("This model reads the image only (no age, sex or site).", elem_id="sf-no-metadata")
                 button = gr.Button("Analyse", variant="primary", elem_id="sf-run")
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[upload], label="Examples (synthetic lesions)")
@@ -435,8 +492,19 @@ def build_demo(
                     download = gr.File(label="Mask (ISIC format)", interactive=False, elem_id="sf-download")
         outputs = [status, contour, heat, mask, probabilities, download]
         for trigger in (upload.change, button.click, method.change):
-            trigger(run, inputs=[upload, method], outputs=outputs)
+            trigger(run, inputs=[upload, method, *clinical], outputs=outputs)
     return demo
+
+
+def _parse_age(text: str | float | None) -> float | str | None:
+    """The age field: blank or "unknown" -> None, a number -> float, anything else as typed (analyse refuses it
+    with a message). A text box, not a number field: a number field sends 0 when left empty."""
+    if text is None or str(text).strip().lower() in ("", "unknown"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return str(text)
 
 
 def _escape(text: str) -> str:

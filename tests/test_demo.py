@@ -4,6 +4,7 @@ in a real browser (the system chromium driven by playwright; skipped where eithe
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sys
 import time
@@ -312,6 +313,13 @@ def test_browser_upload_shows_mask_probabilities_and_downloads_isic_mask(page, t
         "sel => { const img = document.querySelector(sel); return img && img.complete && img.naturalWidth > 0; }",
         arg="#sf-heat img",
     )
+    # The page says which inputs the prediction used; the toy model reads age, sex and site when given.
+    assert "inputs used: the image only (no age, sex or site given)" in page.locator("#sf-status").inner_text()
+    page.locator("#sf-age input").fill("70")
+    page.locator("#sf-run").click()
+    page.wait_for_function(
+        "() => document.querySelector('#sf-status .sf-ok')?.innerText.includes('inputs used: the image, age 70')"
+    )
 
 
 def test_browser_non_image_upload_shows_the_error_and_no_result(page, tmp_path):
@@ -327,3 +335,38 @@ def test_browser_non_image_upload_shows_the_error_and_no_result(page, tmp_path):
     page.locator("#sf-upload button[aria-label='Clear']").click()
     page.locator("#sf-upload input[type=file]").set_input_files(str(REAL_IMAGE))
     page.wait_for_selector("#sf-status .sf-ok")
+
+
+def test_analyse_reads_age_sex_site_and_says_which_inputs_were_used(tmp_path):
+    """A network with a metadata branch: the patient fields change the prediction, and the summary and
+    ``inputs`` name what was used (an unrecognised site is said to be so); a network without one says it reads
+    the image only."""
+    from skinfusion.data.dataset import META_DIM
+
+    reader = Predictor(make_module(seed=3, meta_dim=META_DIM), image_size=IMAGE_SIZE, progress=False)
+    blind = analyse(reader, REAL_IMAGE, out_dir=tmp_path / "a")
+    given = analyse(reader, REAL_IMAGE, out_dir=tmp_path / "b", age=70, sex="male", site="back")
+    assert blind.inputs == {"image": True, "metadata_branch": True, "age": None, "sex": None, "site": None}
+    assert "inputs used: the image only (no age, sex or site given)" in blind.summary
+    assert given.inputs == {"image": True, "metadata_branch": True, "age": 70.0, "sex": "male", "site": "back"}
+    assert "inputs used: the image, age 70, sex male, site back" in given.summary
+    assert blind.probabilities != given.probabilities
+    odd = analyse(reader, REAL_IMAGE, out_dir=tmp_path / "c", sex="female", site="elbow")
+    assert odd.inputs["site"] is None
+    assert "not recognised: site" in odd.summary
+    assert "between 0 and 120" in analyse(reader, REAL_IMAGE, out_dir=tmp_path / "d", age=-3).error
+    assert "between 0 and 120" in analyse(reader, REAL_IMAGE, out_dir=tmp_path / "e", age="seventy").error
+    plain = analyse(Predictor(make_module(), image_size=IMAGE_SIZE, progress=False), REAL_IMAGE, age=50)
+    assert plain.inputs["metadata_branch"] is False
+    assert "this model reads no clinical metadata (age, sex and site given are not read by it)" in plain.summary
+
+
+def test_prediction_json_names_the_inputs_used(tmp_path):
+    from skinfusion.data.dataset import META_DIM
+    from skinfusion.data.records import Record
+
+    reader = Predictor(make_module(seed=3, meta_dim=META_DIM), image_size=IMAGE_SIZE, progress=False)
+    records = [Record(image=REAL_IMAGE, meta={"age": "45", "sex": "female"})]
+    reader.write(reader.predict_records(records), tmp_path, json=True)
+    doc = json.loads(next((tmp_path / "json").glob("*.json")).read_text())
+    assert doc["inputs"] == {"image": True, "metadata_branch": True, "age": 45.0, "sex": "female", "site": None}

@@ -57,31 +57,42 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in ("", "unknown", "nan", "none")
 
 
-def encode_metadata(meta: Mapping[str, Any]) -> np.ndarray:
-    """Encode ``meta`` (optional ``age`` in years, ``sex``, ``site``) as a float32 vector of length :data:`META_DIM`.
-
-    Layout: ``[age / 100, age missing, male, female, sex unknown, *sites, site unknown]``; a
-    missing age is encoded as 0 with the flag set. Sites are matched case-insensitively, with
-    underscores as spaces and :data:`SITE_ALIASES` applied; any other site counts as unknown.
-    """
-    vector = np.zeros(META_DIM, np.float32)
+def read_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The clinical fields of ``meta`` as :func:`encode_metadata` reads them: ``{"age": years, "sex", "site"}``, each
+    normalised (lower case, :data:`SITE_ALIASES` applied) or ``None`` where it is missing or not recognised."""
     age = meta.get("age")
     try:
         age = None if _is_missing(age) else float(age)
     except (TypeError, ValueError):
         age = None
-    if age is None or math.isnan(age):
-        vector[1] = 1.0
-    else:
-        vector[0] = age / 100.0
+    if age is not None and math.isnan(age):
+        age = None
     sex = meta.get("sex")
     sex = "" if _is_missing(sex) else str(sex).strip().lower()
-    vector[2 + (SEXES.index(sex) if sex in SEXES else len(SEXES))] = 1.0
     site = meta.get("site")
     site = "" if _is_missing(site) else str(site).strip().lower().replace("_", " ")
     site = SITE_ALIASES.get(site, site)
+    return {"age": age, "sex": sex if sex in SEXES else None, "site": site if site in SITES else None}
+
+
+def encode_metadata(meta: Mapping[str, Any]) -> np.ndarray:
+    """Encode ``meta`` (optional ``age`` in years, ``sex``, ``site``) as a float32 vector of length :data:`META_DIM`.
+
+    Layout: ``[age / 100, age missing, male, female, sex unknown, *sites, site unknown]``; a
+    missing age is encoded as 0 with the flag set. Sites are matched case-insensitively, with
+    underscores as spaces and :data:`SITE_ALIASES` applied; any other site counts as unknown
+    (:func:`read_metadata` gives the values read).
+    """
+    vector = np.zeros(META_DIM, np.float32)
+    fields = read_metadata(meta)
+    if fields["age"] is None:
+        vector[1] = 1.0
+    else:
+        vector[0] = fields["age"] / 100.0
+    sex, site = fields["sex"], fields["site"]
+    vector[2 + (SEXES.index(sex) if sex is not None else len(SEXES))] = 1.0
     offset = 2 + len(SEXES) + 1
-    vector[offset + (SITES.index(site) if site in SITES else len(SITES))] = 1.0
+    vector[offset + (SITES.index(site) if site is not None else len(SITES))] = 1.0
     return vector
 
 

@@ -70,6 +70,9 @@ class Prediction:
         heat: with a :class:`Predictor` ``explain`` method, the explanation of the top class at the network's
             resolution ``(S, S)`` in [0, 1] (:attr:`explanation` gives it at the original size).
         explain_method: that method (``attention``, ``gradcam``, ``gradcam++``), else ``None``.
+        inputs: what the prediction used besides the image: ``{"metadata_branch": the network reads clinical
+            metadata, "age", "sex", "site": the value read (:func:`~skinfusion.data.dataset.read_metadata`), or
+            None: not given, not recognised, or not read by this network}``.
     """
 
     id: str
@@ -83,6 +86,7 @@ class Prediction:
     record: Record | None = None
     heat: np.ndarray | None = None
     explain_method: str | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def explanation(self) -> np.ndarray | None:
@@ -115,6 +119,8 @@ class Prediction:
     def to_json(self) -> dict[str, Any]:
         """The per-image JSON document written by :meth:`Predictor.write`."""
         doc: dict[str, Any] = {"id": self.id, "image": str(self.image), "width": self.size[0], "height": self.size[1]}
+        if self.inputs:
+            doc["inputs"] = {"image": True, **self.inputs}
         if self.probabilities is not None:
             doc["probabilities"] = {n: float(p) for n, p in zip(self.class_names, self.probabilities, strict=True)}
             doc["predicted_class"] = self.predicted_class
@@ -420,7 +426,15 @@ class Predictor:
                 record=record,
                 heat=None if heat is None else heat[row],
                 explain_method=self.explain,
+                inputs=self._inputs(record),
             )
+
+    def _inputs(self, record: Record) -> dict[str, Any]:
+        from skinfusion.data.dataset import META_FIELDS, read_metadata
+
+        if not self.meta_dim:
+            return {"metadata_branch": False, **dict.fromkeys(META_FIELDS)}
+        return {"metadata_branch": True, **read_metadata(record.meta)}
 
     def write(
         self,
