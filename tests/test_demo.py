@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from browserutil import CHROMIUM, CHROMIUM_ARGS, free_port
-from modelutil import IMAGE_SIZE, make_module
+from imgutil import save
+from modelutil import IMAGE_SIZE, ColourNet, make_module
 from PIL import Image
 
 from skinfusion import Predictor
@@ -370,3 +372,41 @@ def test_prediction_json_names_the_inputs_used(tmp_path):
     reader.write(reader.predict_records(records), tmp_path, json=True)
     doc = json.loads(next((tmp_path / "json").glob("*.json")).read_text())
     assert doc["inputs"] == {"image": True, "metadata_branch": True, "age": 45.0, "sex": "female", "site": None}
+
+
+class CornerNet(ColourNet):
+    """ColourNet whose classifier attention is a fixed 4x4 map, hot in one cell only: row 0, column 3 (top right)."""
+
+    def forward(self, image, meta=None):
+        output = super().forward(image, meta)
+        corner = torch.zeros(image.shape[0], 1, 4, 4)
+        corner[:, :, 0, 3] = 1.0
+        return type(output)(output.mask_logits, output.class_logits, {"classifier": corner})
+
+
+def test_heat_map_path_keeps_a_known_2d_map_in_place(tmp_path):
+    """A network map with 2-D structure (one hot cell, top right) comes out in the same corner of heat_map's
+    output and of the page's overlay, on a wide non-square image: not transposed (bottom left stays cold), not
+    broadcast along an axis (bottom right and top left stay cold). docs/images/demo.png's vertical stripes are the
+    toy model's: its 48 px input gives a 2x2 classifier map whose two rows are nearly equal."""
+    image_path = tmp_path / "wide.png"
+    save(image_path, np.full((80, 160, 3), 128, np.uint8))
+    predictor = Predictor(CornerNet(), image_size=64, normalization="unit", progress=False)
+    prediction = next(iter(predictor.predict_paths([image_path])))
+    heat = heat_map(predictor, prediction, "attention")
+    assert heat.shape == (80, 160)
+    quarter = {
+        "top right": heat[:20, 120:],
+        "top left": heat[:20, :40],
+        "bottom right": heat[60:, 120:],
+        "bottom left": heat[60:, :40],
+    }
+    assert quarter["top right"].mean() > 0.5
+    for name in ("top left", "bottom right", "bottom left"):
+        assert quarter[name].max() < 0.05, name
+    page = analyse(predictor, image_path, "attention", out_dir=tmp_path / "out")
+    assert page.heat.shape == (80, 160, 3)
+    red_minus_blue = page.heat[..., 0].astype(int) - page.heat[..., 2].astype(int)  # JET: hot red, cold blue
+    assert red_minus_blue[:20, 120:].mean() > 50
+    for rows, cols in ((slice(0, 20), slice(0, 40)), (slice(60, 80), slice(120, 160)), (slice(60, 80), slice(0, 40))):
+        assert red_minus_blue[rows, cols].mean() < -50
