@@ -99,7 +99,8 @@ def explain(
         (B,H,W) float32 maps, each scaled to [0, 1] (an all-zero map where the method finds no evidence).
 
     Raises:
-        ValueError: an unknown method, or ``attention`` for a network that returns no attention map.
+        ValueError: an unknown method, ``attention`` for a network that returns no attention map, or Grad-CAM
+            of a network without PyTorch layers (an ONNX export).
     """
     if method not in EXPLAIN_METHODS:
         raise ValueError(f"unknown explanation {method!r}; choose one of {list(EXPLAIN_METHODS)}")
@@ -111,6 +112,11 @@ def explain(
             raise ValueError("this network returns no attention map (attention is off): use gradcam")
         return attention_heat(maps, (height, width))
 
+    if not hasattr(net, "encoder"):
+        raise ValueError(
+            f"{method} differentiates the PyTorch network; {type(net).__name__} has none (an ONNX export: use "
+            "the checkpoint, or 'attention')"
+        )
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

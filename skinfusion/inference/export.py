@@ -13,7 +13,12 @@ the TorchScript extra file ``skinfusion.json``, the safetensors header) and is w
 * **hf**: a ``save_pretrained`` folder (``config.json``, ``model.safetensors``, a ``README.md`` model card with
   the ``--metrics`` of ``skinfusion evaluate``).
 
-The Predictor and every ``--ckpt`` take a safetensors export or an hf folder.
+``--quantize int8`` (with ``--format onnx``) writes a static int8 (QDQ) ONNX file calibrated on images of a
+manifest, refused unless its ISIC metrics stay within ``--tolerance`` of the fp32 model's
+(:mod:`skinfusion.inference.quantize`).
+
+The Predictor and every ``--ckpt`` take a safetensors export, an hf folder or an ONNX file (fp32 or int8, run by
+ONNX Runtime: :class:`~skinfusion.inference.onnxnet.OnnxNet`).
 """
 
 from __future__ import annotations
@@ -235,10 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "ONNX/TorchScript outputs: mask_logits (B,1,S,S), class_logits (B,K), attn/<name> (B,1,h,w); "
             "the batch axis is dynamic. Example: skinfusion export --ckpt best.ckpt --format onnx --out model.onnx; "
-            "skinfusion export --ckpt best.ckpt --format hf --out skinfusion-ham10000 --metrics report/metrics.json"
+            "skinfusion export --ckpt best.ckpt --format hf --out skinfusion-ham10000 --metrics report/metrics.json; "
+            "skinfusion export --ckpt best.ckpt --format onnx --quantize int8 --calibration cache/manifest.csv "
+            "--out model.int8.onnx"
         ),
     )
-    parser.add_argument("--ckpt", required=True, help="skinfusion checkpoint (.ckpt), safetensors export or hf folder")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="skinfusion checkpoint (.ckpt), safetensors export or hf folder (with --quantize: also an fp32 .onnx)",
+    )
     parser.add_argument(
         "--format", required=True, choices=FORMATS, help="export format (hf: config.json, model.safetensors, README.md)"
     )
@@ -254,6 +265,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip comparing the exported model with PyTorch on a batch of 3"
     )
+    quant = parser.add_argument_group(
+        "int8 quantization (--format onnx)",
+        "Static int8 (QDQ) quantization with ONNX Runtime, calibrated on images of a manifest preprocessed as "
+        "predict does; refused (exit status 2, no file written) when thresholded Jaccard, Dice or balanced "
+        "accuracy on calibration-disjoint images differ from the fp32 model's by more than --tolerance. "
+        "Writes OUT and OUT's <name>.quantization.json/.md report (sizes, nodes left in fp32, the guard).",
+    )
+    quant.add_argument("--quantize", choices=("int8",), default=None, help="quantize the ONNX file")
+    quant.add_argument("--calibration", default=None, help="manifest CSV whose images calibrate and guard")
+    quant.add_argument("--split", default="val", help="the manifest's split to use (default: val; all: every row)")
+    quant.add_argument("--n", type=int, default=256, help="calibration images, a seeded draw (default: 256)")
+    quant.add_argument(
+        "--guard-split", default=None, help="split of the guard's images (default: --split's, less the calibration's)"
+    )
+    quant.add_argument("--guard-n", type=int, default=256, help="at most this many guard images (default: 256)")
+    quant.add_argument(
+        "--tolerance", type=float, default=0.005, help="largest accepted metric difference int8 - fp32 (default: 0.005)"
+    )
+    quant.add_argument(
+        "--calibrate-method", choices=("minmax", "entropy", "percentile"), default="minmax", help="(default: minmax)"
+    )
+    quant.add_argument(
+        "--keep-fp32",
+        choices=("none", "first", "last", "first+last"),
+        default="first",
+        help="layers left in fp32: those reading the inputs (first: the stem convolution; default), "
+        "writing the outputs (last), both, none",
+    )
+    quant.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default: 0)")
     return parser
 
 
@@ -285,6 +325,7 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
 
     Raises:
         SystemExit: when verification finds an output differing by more than 1e-3.
+        QuantizationError: with ``--quantize int8``, when the int8 model fails the accuracy guard.
     """
     from dataclasses import replace
 
@@ -294,11 +335,24 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.metrics and args.format != "hf":
         parser.error("--metrics fills the model card of --format hf only")
+    if args.quantize and args.format != "onnx":
+        parser.error("--quantize int8 quantizes an ONNX file: add --format onnx")
+    if args.quantize and not args.calibration:
+        parser.error("--quantize int8 needs --calibration MANIFEST (images to calibrate and check it on)")
+    if args.calibration and not args.quantize:
+        parser.error("--calibration goes with --quantize int8")
+    from_onnx = Path(args.ckpt).suffix == ".onnx"
+    if from_onnx and not args.quantize:
+        parser.error("--ckpt is an ONNX file: it can be quantized (--quantize int8); other exports need the checkpoint")
     net, settings = load_model(args.ckpt)
+    if from_onnx and args.image_size and args.image_size != settings.image_size:
+        parser.error(f"{args.ckpt} takes {settings.image_size} px inputs; --image-size cannot change an ONNX file")
     names: list[str] = []
     with config_errors():
         if args.image_size:
             settings = replace(settings, image_size=args.image_size)
+        if args.quantize:
+            return _export_int8(args, net, settings, from_onnx)
         if args.format == "onnx":
             names = export_onnx(net, args.out, settings, opset=args.opset, batch_size=args.batch_size)
         elif args.format == "torchscript":
@@ -312,9 +366,68 @@ def export_main(argv: Sequence[str] | None = None) -> Path:
     if names:
         print("outputs: " + ", ".join(names))
     if names and not args.no_verify:
-        diffs = verify_export(args.out, net, image_size)
-        worst = max(diffs.values())
-        print(f"max |exported - eager| over outputs on a batch of 3: {worst:.2e}")
-        if worst > 1e-3:
-            raise SystemExit(f"exported model differs from PyTorch: {diffs}")
+        _verify(args.out, net, image_size)
+    return Path(args.out)
+
+
+def _verify(path: str | Path, net: SkinFusionNet, image_size: int) -> None:
+    diffs = verify_export(path, net, image_size)
+    worst = max(diffs.values())
+    print(f"max |exported - eager| over outputs on a batch of 3: {worst:.2e}")
+    if worst > 1e-3:
+        raise SystemExit(f"exported model differs from PyTorch: {diffs}")
+
+
+def _export_int8(args: argparse.Namespace, net: nn.Module, settings: InferenceSettings, from_onnx: bool) -> Path:
+    """``--quantize int8``: export fp32 (unless ``--ckpt`` is one), calibrate, guard, write the file and report."""
+    import tempfile
+
+    from skinfusion.inference.inputs import collect_records
+    from skinfusion.inference.quantize import quantize_onnx, report_path, select_images
+
+    records = collect_records(args.calibration)
+    calibration, guard, guard_source = select_images(
+        records,
+        settings.class_names,
+        args.split,
+        n=args.n,
+        guard_n=args.guard_n,
+        seed=args.seed,
+        guard_split=args.guard_split,
+    )
+    where = "every image" if args.split in (None, "all") else f"split {args.split!r}"
+    calibration_source = f"{args.calibration}, {where}, seed {args.seed}"
+    with tempfile.TemporaryDirectory() as folder:
+        if from_onnx:
+            fp32, fp32_name = Path(args.ckpt), str(args.ckpt)
+        else:
+            fp32 = Path(folder) / "fp32.onnx"
+            export_onnx(net, fp32, settings, opset=args.opset, batch_size=args.batch_size)
+            fp32_name = f"{args.ckpt} (exported to fp32 ONNX, opset {args.opset})"
+            if not args.no_verify:
+                _verify(fp32, net, settings.image_size)
+        print(f"calibrating on {len(calibration)} images of {calibration_source}; guard: {len(guard)} images")
+        report = quantize_onnx(
+            fp32,
+            args.out,
+            calibration,
+            guard,
+            tolerance=args.tolerance,
+            calibration_source=calibration_source,
+            guard_source=guard_source,
+            fp32_name=fp32_name,
+            method=args.calibrate_method,
+            keep_fp32=args.keep_fp32,
+        )
+    sizes, result = report["size_bytes"], report["guard"]
+    print(
+        f"wrote {args.out} (int8 QDQ, input {settings.image_size}x{settings.image_size}): "
+        f"{sizes['int8'] / 2**20:.2f} MB, {sizes['int8'] / sizes['fp32']:.0%} of fp32's {sizes['fp32'] / 2**20:.2f} MB"
+    )
+    print(f"accuracy guard on {result['images']} images ({guard_source}), tolerance {result['tolerance']}:")
+    for name, metric in result["metrics"].items():
+        print(f"  {name}: fp32 {metric['fp32']:.4f}, int8 {metric['int8']:.4f} ({metric['difference']:+.4f})")
+    fp32_nodes = report["runtime"]["fp32_ops"]
+    print("left in fp32 by ONNX Runtime: " + (", ".join(f"{op} x{n}" for op, n in fp32_nodes.items()) or "nothing"))
+    print(f"report: {report_path(args.out, '.md')}")
     return Path(args.out)

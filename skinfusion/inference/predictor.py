@@ -147,8 +147,9 @@ def explanation_filename(image_id: str, method: str | None) -> str:
 
 
 def load_model(path: str | Path) -> tuple[SkinFusionNet, InferenceSettings]:
-    """The network of a Lightning checkpoint (loaded safely), a safetensors export or a ``save_pretrained`` /
-    ``skinfusion export --format hf`` folder, and its record.
+    """The network of a Lightning checkpoint (loaded safely), a safetensors export, a ``save_pretrained`` /
+    ``skinfusion export --format hf`` folder, or an ONNX export (an :class:`~skinfusion.inference.onnxnet.OnnxNet`
+    run by ONNX Runtime), and its record.
 
     Raises:
         WeightsError: the file or folder cannot be loaded (the message names it and the problem).
@@ -161,6 +162,10 @@ def load_model(path: str | Path) -> tuple[SkinFusionNet, InferenceSettings]:
         from skinfusion.inference.export import load_safetensors_export
 
         return load_safetensors_export(path)
+    if Path(path).suffix == ".onnx":  # run by ONNX Runtime: an nn.Module returning the same output
+        from skinfusion.inference.onnxnet import load_onnx
+
+        return load_onnx(path)
     from skinfusion.training.module import SkinFusionModule
 
     module = SkinFusionModule.from_checkpoint(path)
@@ -260,6 +265,8 @@ class Predictor:
             net, settings = model.net, model.settings
         elif isinstance(model, SkinFusionNet):
             net, settings = model, InferenceSettings.defaults_for(model)
+        elif isinstance(getattr(model, "settings", None), InferenceSettings):  # e.g. an OnnxNet: it has its record
+            net, settings = model, model.settings
         else:  # a network of another type: its number of classes, if it says, and the arguments
             net = model
             settings = InferenceSettings(class_names=ISIC_CLASSES[: getattr(model, "num_classes", len(ISIC_CLASSES))])
@@ -506,7 +513,7 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ckpt",
         required=True,
-        help="skinfusion checkpoint (.ckpt), safetensors export, or a save_pretrained / `export --format hf` folder",
+        help="skinfusion checkpoint (.ckpt), safetensors or ONNX export (run by ONNX Runtime), or an hf folder",
     )
     group.add_argument(
         "--image-size", type=int, default=None, help="network input side (default: checkpoint's, else 224)"
