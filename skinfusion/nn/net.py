@@ -21,9 +21,10 @@ from skinfusion.nn.attention import AttentionModule, check_attention_kwargs, cre
 from skinfusion.nn.encoder import LoadReport, TimmEncoder
 from skinfusion.nn.heads import ClassifierHead, MetaBranch, create_fusion
 from skinfusion.nn.hub import SkinFusionHubMixin
+from skinfusion.nn.late_fusion import MetadataLateFusion
 from skinfusion.nn.output import SkinFusionOutput
 
-__all__ = ["ATTENTION_PLACEMENTS", "SkinFusionNet", "plain_config"]
+__all__ = ["ATTENTION_PLACEMENTS", "META_FUSIONS", "SkinFusionNet", "plain_config"]
 
 
 def plain_config(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +45,8 @@ def plain_config(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 ATTENTION_PLACEMENTS = ("encoder", "skip", "classifier")
+#: How the diagnosis reads clinical metadata (``meta_fusion``): a feature branch, or late fusion.
+META_FUSIONS = ("features", "late")
 
 
 class SkinFusionNet(nn.Module, SkinFusionHubMixin):
@@ -66,6 +69,12 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
             (see :mod:`skinfusion.nn.heads`). Unused without a classifier.
         fusion_kwargs: arguments of the fusion module (e.g. ``detach_mask=True`` for ``mask_pool``).
         meta_dim: width of the clinical metadata vector; 0 for no metadata branch.
+        meta_fusion: how the diagnosis reads the metadata (with ``meta_dim > 0``): ``"features"``, a
+            :class:`~skinfusion.nn.heads.MetaBranch` whose features join the classifier's input (trained end to
+            end); ``"late"``, an image-only network plus a metadata model
+            (:class:`~skinfusion.nn.late_fusion.MetadataLateFusion`, fitted on the training split's metadata when
+            training starts) whose log-likelihood ratio is added to the logits at inference (eval mode) for the
+            images whose metadata is known. ``"late"`` cannot learn "metadata missing" as a data set's label.
         meta_hidden, classifier_hidden, dropout: see :class:`~skinfusion.nn.heads.MetaBranch` and
             :class:`~skinfusion.nn.heads.ClassifierHead` (``classifier_hidden=0``: a linear classifier).
 
@@ -94,6 +103,7 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
         fusion_kwargs: dict[str, Any] | None = None,
         num_classes: int = 7,
         meta_dim: int = 0,
+        meta_fusion: str = "features",
         meta_hidden: int = 64,
         classifier_hidden: int = 0,
         dropout: float = 0.2,
@@ -119,6 +129,8 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
             raise ValueError(f"meta_dim must be >= 0, got {meta_dim}")
         if meta_dim and not classifier:
             raise ValueError("meta_dim > 0 needs the classifier (metadata only feeds the diagnosis)")
+        if meta_fusion not in META_FUSIONS:
+            raise ValueError(f"unknown meta_fusion {meta_fusion!r}; choose one of {list(META_FUSIONS)}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
 
@@ -160,6 +172,7 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
         self.classifier_attention: nn.Module | None = None
         self.fusion: nn.Module | None = None
         self.meta: MetaBranch | None = None
+        self.late_fusion: MetadataLateFusion | None = None
         self.classifier: ClassifierHead | None = None
         if classifier:
             cls_name = attention if "classifier" in self.attention_placement else None
@@ -168,7 +181,9 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
                 fusion, channels[-1], decoder_channels[-1] if decoder else None, **(fusion_kwargs or {})
             )
             in_features = self.fusion.out_features
-            if meta_dim:
+            if meta_dim and meta_fusion == "late":
+                self.late_fusion = MetadataLateFusion.for_encoded_metadata(meta_dim, num_classes)
+            elif meta_dim:
                 self.meta = MetaBranch(meta_dim, hidden=meta_hidden, dropout=dropout)
                 in_features += self.meta.out_features
             self.classifier = ClassifierHead(in_features, num_classes, hidden=classifier_hidden, dropout=dropout)
@@ -176,6 +191,7 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.meta_dim = meta_dim
+        self.meta_fusion = meta_fusion
 
     @property
     def has_decoder(self) -> bool:
@@ -215,11 +231,13 @@ class SkinFusionNet(nn.Module, SkinFusionHubMixin):
             if attn_map is not None:
                 attention["classifier"] = attn_map
             pooled = self.fusion(deepest, mask_logits, decoder_features)
+            if self.meta_dim and meta is None:
+                raise ValueError(f"this network reads clinical metadata (meta_dim={self.meta_dim}); pass meta")
             if self.meta is not None:
-                if meta is None:
-                    raise ValueError(f"this network has a metadata branch (meta_dim={self.meta_dim}); pass meta")
                 pooled = torch.cat([pooled, self.meta(meta)], dim=1)
             class_logits = self.classifier(pooled)
+            if self.late_fusion is not None and not self.training:
+                class_logits = class_logits + self.late_fusion(meta)
         return SkinFusionOutput(mask_logits, class_logits, attention)
 
     # ------------------------------------------------------------------ training helpers

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Timer
@@ -19,9 +20,9 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from skinfusion.data.datamodule import SkinFusionDataModule
-from skinfusion.data.dataset import unknown_metadata
-from skinfusion.data.records import ISIC_CLASSES
-from skinfusion.errors import SkinFusionError
+from skinfusion.data.dataset import encode_metadata, unknown_metadata
+from skinfusion.data.records import ISIC_CLASSES, Record
+from skinfusion.errors import DataError, SkinFusionError
 from skinfusion.evaluation.metrics import classification_metrics, flatten_metrics, segmentation_metrics
 from skinfusion.io import InferenceSettings, load_checkpoint
 from skinfusion.nn import SkinFusionNet
@@ -31,7 +32,7 @@ from skinfusion.training.schedule import WarmupCosine
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "SkinFusionModule"]
+__all__ = ["NonFiniteLossError", "SkinFusionModule", "fit_late_fusion"]
 
 STAGES = ("train", "val", "test")
 
@@ -214,8 +215,11 @@ class SkinFusionModule(pl.LightningModule):
                 self.cls_metrics[f"{stage}_"].update(output.class_logits.float().softmax(-1), batch["label"])
                 n_cls += int(labelled.sum())
                 if f"{stage}_" in self.image_only_metrics and batch.get("meta") is not None:
-                    unknown = unknown_metadata(batch["meta"])
-                    logits = self(batch["image"], unknown).class_logits
+                    late_fusion = getattr(self.net, "late_fusion", None)
+                    if late_fusion is not None:  # the image network's own logits: no second forward pass
+                        logits = output.class_logits - late_fusion(batch["meta"])
+                    else:
+                        logits = self(batch["image"], unknown_metadata(batch["meta"])).class_logits
                     self.image_only_metrics[f"{stage}_"].update(logits.float().softmax(-1), batch["label"])
         self._seen[stage] = (n_seg, n_cls)
 
@@ -398,6 +402,23 @@ class SkinFusionModule(pl.LightningModule):
                 else:
                     setattr(metric, attr, value.to(self.device))
 
+    def on_fit_start(self) -> None:
+        late_fusion = getattr(self.net, "late_fusion", None)
+        if late_fusion is not None:
+            self._fit_late_fusion(late_fusion)
+
+    def _fit_late_fusion(self, late_fusion: nn.Module) -> None:
+        """Fit the metadata model of ``meta_fusion="late"`` on the training split (every fit, resumed or not: it
+        depends only on those records, so a resumed run gets the same one)."""
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, SkinFusionDataModule):
+            raise ValueError("meta_fusion='late' fits its metadata model on a SkinFusionDataModule's training split")
+        known, total = fit_late_fusion(late_fusion, datamodule.records("train"), self.class_names, datamodule.manifest)
+        late_fusion.to(self.device)
+        log.info(
+            "late fusion: metadata model fitted on %d training images with metadata (of %d labelled)", known, total
+        )
+
     def on_train_start(self) -> None:
         if self.trainer.world_size > 1 and self.trainer.ckpt_path:
             log.info("multi-process run: the resumed epoch's train/* metrics cover the steps since the resume")
@@ -458,3 +479,26 @@ class SkinFusionModule(pl.LightningModule):
         module.hparams["inference"] = settings.to_dict()
         module.load_state_dict(ckpt["state_dict"])  # copies into the new module's CPU parameters...
         return module.to(map_location)  # ...so it goes where the caller asked
+
+
+def fit_late_fusion(
+    late_fusion: nn.Module, records: Sequence[Record], class_names: Sequence[str], source: str | Path | None = None
+) -> tuple[int, int]:
+    """Fit ``late_fusion`` (:class:`~skinfusion.nn.late_fusion.MetadataLateFusion`) on the labelled ``records`` of
+    ``class_names`` that have age, sex or site; returns (images with metadata, labelled images).
+
+    Raises:
+        DataError: no labelled record has metadata (``source`` names the data).
+    """
+    records = [r for r in records if r.label in class_names]
+    meta = torch.from_numpy(np.stack([encode_metadata(r.meta) for r in records])) if records else None
+    known = int(late_fusion.known(meta).sum()) if meta is not None else 0
+    if not known:
+        raise DataError(
+            source,
+            f"meta_fusion='late' needs training images with age, sex or site; none of the {len(records)} labelled"
+            " training images has any (train without metadata: data.use_metadata=false)",
+        )
+    labels = torch.tensor([list(class_names).index(r.label) for r in records])
+    late_fusion.fit(meta, labels)
+    return known, len(records)
