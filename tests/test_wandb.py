@@ -30,9 +30,10 @@ from skinfusion.training.wandb import (
     WandbLogger,
     WandbPanels,
     denormalize,
-    find_wandb_api_key,
     panel_indices,
+    resolve_wandb_mode,
     server_reachable,
+    wandb_credentials_configured,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,10 +122,11 @@ def fit_run(tmp_path_factory) -> dict[str, Any]:
         for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
             mp.delenv(name, raising=False)
         mp.setenv("NETRC", str(root / "no-netrc"))  # no credentials anywhere: the fallback must kick in
+        mp.setenv("WANDB_CONFIG_DIR", str(root / "no-config"))
         mp.setenv("WANDB_SILENT", "true")
         mp.setenv("SKINFUSION_CACHE", str(root / "cache"))
         logging.getLogger("skinfusion.training.wandb").addHandler(handler)
-        wandb.finish()  # a run left open by an earlier test would otherwise be reused
+        wandb.teardown()  # an open run or settings loaded by an earlier test would otherwise be reused
         start = time.perf_counter()
         try:
             main(
@@ -289,21 +291,37 @@ def test_config_and_checkpoints_are_recorded(fit_run):
 
 
 # ---------------------------------------------------------------------- the offline fallback
+NO_KEY = "no API key found (set WANDB_API_KEY or run `wandb login`)"
+
+
 @pytest.fixture
 def no_credentials(monkeypatch, tmp_path):
+    """No W&B credentials, settings or proxies anywhere wandb looks, and a fresh wandb (it loads its settings and
+    credentials once per process) that is torn down again afterwards, its service process with it."""
+    import wandb
+
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NETRC", str(tmp_path / "absent-netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "absent-config"))
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _write_netrc(path: Path, base_url: str, key: str) -> None:
+    """An entry as `wandb login` writes it: the server URL's host and port, login ``user``, the key."""
+    path.write_text(f"machine {urlsplit(base_url).netloc}\n  login user\n  password {key}\n")
 
 
 @pytest.fixture
@@ -337,68 +355,88 @@ def _assert_left_to_wandb(caplog) -> None:
 
 
 def test_fallback_without_api_key(no_credentials, caplog):
+    assert wandb_credentials_configured() is False
     with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(save_dir="runs")
     assert logger._wandb_init["mode"] == "offline"
     assert logger.offline_mode
-    assert "API key" in logger.fallback_reason
+    assert logger.fallback_reason == NO_KEY
     assert len(caplog.records) == 1
     assert "runs/wandb" in caplog.records[0].getMessage()
 
 
 def test_fallback_when_server_unreachable(no_credentials, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    base_url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("WANDB_BASE_URL", base_url)
+    assert wandb_credentials_configured() is True
     with caplog.at_level(logging.WARNING, logger="skinfusion.training.wandb"):
         logger = WandbLogger(log_model=True)
     assert logger._wandb_init["mode"] == "offline"
-    assert "cannot reach" in logger.fallback_reason
+    assert logger.fallback_reason == f"cannot reach {base_url} within 2 s"
     assert logger._log_model is False  # no checkpoint uploads from an offline run
     assert len(caplog.records) == 1
 
 
-def test_online_when_key_and_server_are_there(no_credentials, http_server, monkeypatch, caplog):
-    Path("netrc").write_text(f"machine 127.0.0.1 login user password {'k' * 40}\n")
-    monkeypatch.setenv("NETRC", str(Path("netrc").resolve()))
+def test_online_when_key_and_server_are_there(no_credentials, http_server, monkeypatch, tmp_path, caplog):
+    _write_netrc(tmp_path / "netrc", http_server, "k" * 40)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     monkeypatch.setenv("WANDB_BASE_URL", http_server)
-    assert find_wandb_api_key() == "k" * 40
+    assert wandb_credentials_configured() is True
     assert server_reachable(http_server, timeout=2.0)
     _assert_left_to_wandb(caplog)
 
 
-def test_key_of_wandb_login_for_the_installed_wandbs_default_server(no_credentials, monkeypatch):
+def test_netrc_key_for_the_installed_wandbs_default_server(no_credentials, monkeypatch, tmp_path):
     """`wandb login` writes the key under the host of wandb's default server, which moved between releases."""
     import wandb
 
-    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
-    host = urlsplit(wandb.Settings().base_url).hostname
-    Path("netrc").write_text(f"machine {host} login user password {'d' * 40}\n")
-    monkeypatch.setenv("NETRC", str(Path("netrc").resolve()))
-    assert find_wandb_api_key() == "d" * 40
+    _write_netrc(tmp_path / "netrc", wandb.Settings().base_url, "d" * 40)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_credentials_configured() is True
 
 
 @pytest.mark.parametrize("where", ["global", "workspace"])
-def test_key_of_wandb_login_for_a_self_hosted_server(no_credentials, monkeypatch, tmp_path, where):
-    """`wandb login --host URL` stores URL in a settings file and the key under URL's host."""
+def test_self_hosted_server_of_a_settings_file(no_credentials, monkeypatch, tmp_path, where):
+    """`wandb login --host URL` stores URL in a settings file (a project's ``wandb/settings`` overrides the global
+    one) and the key under URL's host: the key is found and URL is the server that is checked."""
+    base_url = f"http://127.0.0.1:{_closed_port()}"
     folder = tmp_path / ("config" if where == "global" else "wandb")
     folder.mkdir()
-    (folder / "settings").write_text("[default]\nbase_url = https://wandb.example.org\n")
+    (folder / "settings").write_text(f"[default]\nbase_url = {base_url}\n")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.chdir(tmp_path)
-    Path("netrc").write_text(
-        f"machine api.example.org login user password {'a' * 40}\n"
-        f"machine wandb.example.org login user password {'s' * 40}\n"
-    )
-    monkeypatch.setenv("NETRC", str(Path("netrc").resolve()))
-    assert find_wandb_api_key() == "s" * 40
-    monkeypatch.setenv("WANDB_BASE_URL", "https://api.example.org")  # the environment wins, as in wandb
-    assert find_wandb_api_key() == "a" * 40
+    _write_netrc(tmp_path / "netrc", base_url, "s" * 40)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_wandb_mode(timeout=0.5) == ("offline", f"cannot reach {base_url} within 0.5 s")
+
+
+def test_key_of_another_server_is_not_used(no_credentials, monkeypatch, tmp_path):
+    """A netrc key is for its server only: with WANDB_BASE_URL elsewhere, wandb has no credentials."""
+    _write_netrc(tmp_path / "netrc", f"http://127.0.0.1:{_closed_port()}", "o" * 40)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    assert resolve_wandb_mode() == ("offline", NO_KEY)
+
+
+def test_an_error_from_wandb_counts_as_no_credentials(no_credentials, monkeypatch, caplog):
+    import wandb
+
+    def broken(**kwargs):
+        raise RuntimeError("broken settings")
+
+    monkeypatch.setattr(wandb, "login", broken)
+    with caplog.at_level(logging.DEBUG, logger="skinfusion.training.wandb"):
+        assert wandb_credentials_configured() is False
+        assert resolve_wandb_mode() == ("offline", NO_KEY)
+    assert any("broken settings" in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize("mode", ["online", "disabled", "offline"])
 def test_user_wandb_mode_is_obeyed_without_checks(no_credentials, monkeypatch, caplog, mode):
     monkeypatch.setenv("WANDB_MODE", mode)
-    monkeypatch.setattr(sf_loggers, "server_reachable", lambda *a, **k: pytest.fail("no check expected"))
+    for name in ("wandb_credentials_configured", "server_reachable"):
+        monkeypatch.setattr(sf_loggers, name, lambda *a, **k: pytest.fail("no check expected"))
     _assert_left_to_wandb(caplog)
 
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 import threading
 import urllib.error
@@ -37,64 +36,47 @@ __all__ = [
     "WandbLogger",
     "WandbPanels",
     "denormalize",
-    "find_wandb_api_key",
     "find_wandb_logger",
     "panel_indices",
     "resolve_wandb_mode",
     "server_reachable",
+    "wandb_credentials_configured",
 ]
 
 log = logging.getLogger(__name__)
 
 
 def _base_url() -> str:
-    """The W&B server wandb would use: ``WANDB_BASE_URL``, else a settings file's ``base_url``, else its default.
+    """The W&B server wandb uses: ``WANDB_BASE_URL``, else a settings file's (``wandb login --host``), else its default.
 
-    ``wandb login --host URL`` (a self-hosted server) writes ``base_url`` into the global settings file
-    (``$WANDB_CONFIG_DIR/settings``, else ``~/.config/wandb/settings``); a project's ``wandb/settings`` overrides
-    it. The default server has moved between wandb releases, so it comes from the installed wandb.
+    It is wandb's own resolved setting: ``wandb.setup()`` loads the settings once per process (environment, the
+    global and the workspace settings files) without any network request, and starts wandb's service process,
+    which the run's ``wandb.init`` then reuses.
     """
-    if url := os.environ.get("WANDB_BASE_URL"):
-        return url
-    import configparser
-
     import wandb
 
-    settings = wandb.Settings()
-    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
-    url = settings.base_url
-    for path in (config_dir / "settings", Path(settings.settings_workspace)):  # the workspace file wins
-        parser = configparser.ConfigParser()
-        try:
-            parser.read(path)
-        except configparser.Error:
-            continue  # wandb reports a broken settings file itself
-        url = parser.get("default", "base_url", fallback=url)
-    return url
+    return wandb.setup().settings.base_url
 
 
-def find_wandb_api_key(base_url: str | None = None) -> str | None:
-    """The W&B API key (or identity token file) of ``base_url``'s host, or ``None``: no prompt, no network.
+def wandb_credentials_configured() -> bool:
+    """Whether wandb has credentials for its server, as ``wandb.login(prompt=False, verify=False)`` answers.
 
-    Reads ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, then the netrc file (``NETRC``, else ``~/.netrc`` or
-    ``~/_netrc``) that ``wandb login`` writes. wandb has no public call that only looks: ``wandb.login(prompt=False,
-    verify=False)`` starts wandb's service process (seconds), prints banners and returns only a bool.
+    wandb looks them up itself (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, the netrc file that ``wandb
+    login`` writes, for the server of its settings); it never prompts and does not verify the key. Without
+    credentials it answers at once. With them it prints its "API key is configured" line; unless ``WANDB_SILENT``
+    is set, it first asks the server whose key it is, for that line (through wandb's service process: up to about
+    5 s without a server). An error from wandb counts as no credentials (logged at debug level); so does an open
+    run, as ``wandb.login`` has no effect after ``wandb.init``.
     """
-    if key := os.environ.get("WANDB_API_KEY", "").strip():
-        return key
-    token_file = os.environ.get("WANDB_IDENTITY_TOKEN_FILE", "").strip()
-    if token_file and Path(token_file).expanduser().is_file():
-        return token_file
-    host = urlsplit(base_url or _base_url()).hostname
-    names = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
-    path = next((p for p in (Path(name).expanduser() for name in names) if p.is_file()), None)
-    if not host or path is None:
-        return None
     try:
-        entry = netrc.netrc(path).authenticators(host)
-    except (netrc.NetrcParseError, OSError):
-        return None
-    return entry[2] if entry and entry[2] else None
+        import wandb
+
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception as error:  # a broken wandb setting must not stop training: wandb.init reports it
+        log.debug(
+            "W&B: wandb.login(prompt=False) failed (%s: %s); taken as no credentials", type(error).__name__, error
+        )
+        return False
 
 
 def server_reachable(base_url: str | None = None, timeout: float = 2.0) -> bool:
@@ -125,12 +107,17 @@ def server_reachable(base_url: str | None = None, timeout: float = 2.0) -> bool:
 
 
 def resolve_wandb_mode(offline: bool = False, timeout: float = 2.0) -> tuple[str | None, str | None]:
-    """``("offline", reason)`` when a W&B run must fall back to offline mode, else ``(None, None)`` (wandb decides)."""
+    """``("offline", reason)`` when a W&B run must fall back to offline mode, else ``(None, None)`` (wandb decides).
+
+    ``offline=True`` or a ``WANDB_MODE`` of the user's is obeyed without any check. Otherwise the run falls back
+    when wandb has no credentials (:func:`wandb_credentials_configured`) or its server does not answer
+    (:func:`server_reachable`).
+    """
     if offline or os.environ.get("WANDB_MODE", "").strip():
         return None, None
-    base_url = _base_url()
-    if find_wandb_api_key(base_url) is None:
+    if not wandb_credentials_configured():
         return "offline", "no API key found (set WANDB_API_KEY or run `wandb login`)"
+    base_url = _base_url()
     if not server_reachable(base_url, timeout):
         return "offline", f"cannot reach {base_url} within {timeout:g} s"
     return None, None
@@ -139,8 +126,8 @@ def resolve_wandb_mode(offline: bool = False, timeout: float = 2.0) -> tuple[str
 class WandbLogger(_LightningWandbLogger):
     """Lightning's ``WandbLogger`` that runs offline by itself when W&B cannot be reached.
 
-    On global rank 0, before the run starts, it looks for credentials (:func:`find_wandb_api_key`) and asks
-    the server (:func:`server_reachable`); when either fails the run is written offline under
+    On global rank 0, before the run starts, it asks wandb for credentials (:func:`wandb_credentials_configured`)
+    and asks the server (:func:`server_reachable`); when either fails the run is written offline under
     ``{save_dir}/wandb/offline-run-*``, without checkpoint uploads, and one log line says why and how to
     upload it (``wandb sync``). A user's ``WANDB_MODE`` or ``offline=True`` is obeyed without any check.
 
