@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 
 from skinfusion.cli import main
+from skinfusion.evaluation.intervals import balanced_accuracy_statistic
 from skinfusion.evaluation.study import (
     StudyError,
     Variant,
+    _check_resume,
+    _study_spec,
     bootstrap_difference,
     classification_summary,
     parse_variant,
     per_class_table,
     run_study,
+    summarize_study,
 )
 
 # ---------------------------------------------------------------- statistics
@@ -78,11 +82,185 @@ def test_classification_summary_equals_sklearn_on_random_data():
     assert got["auc"] == pytest.approx(roc_auc_score(truth, probs, multi_class="ovr", average="macro"))
 
 
+def test_classification_summary_weights_equal_repeating_the_images():
+    """A bootstrap resample as weights (image i drawn w_i times) gives the figures of the repeated images, AUC
+    ties included."""
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 3, 200)
+    probs = np.round(rng.dirichlet(np.ones(3), 200), 1)  # coarse: many tied scores
+    weights = rng.integers(0, 4, 200)
+    repeated = np.repeat(np.arange(200), weights)
+    assert classification_summary(truth, probs, weights) == pytest.approx(
+        classification_summary(truth[repeated], probs[repeated])
+    )
+
+
 def test_per_class_table_hand_computed():
     table = per_class_table(TRUTH, PROBS, ["A", "B", "C"])
     assert table["A"] == pytest.approx({"support": 2, "accuracy": 3 / 5, "precision": 0.5, "recall": 0.5, "f1": 0.5})
     assert table["B"] == pytest.approx({"support": 2, "accuracy": 4 / 5, "precision": 2 / 3, "recall": 1.0, "f1": 0.8})
     assert table["C"] == pytest.approx({"support": 1, "accuracy": 4 / 5, "precision": 0.0, "recall": 0.0, "f1": 0.0})
+
+
+# ---------------------------------------------------------------- the study's intervals, on finished runs
+
+
+def _run_probabilities(accuracies, truth, k, rng):
+    """(runs, N, K) class probabilities: run r's argmax is the truth with probability accuracies[r], else the next
+    class."""
+    runs = []
+    for accuracy in accuracies:
+        predicted = np.where(rng.random(len(truth)) < accuracy, truth, (truth + 1) % k)
+        p = rng.dirichlet(np.ones(k), len(truth)) * 0.5
+        p[np.arange(len(truth)), predicted] += 1.0
+        runs.append(p / p.sum(1, keepdims=True))
+    return np.stack(runs)
+
+
+def _finished_study(out, probabilities, truth, names, groups=None, segmentation=None):
+    """A study folder whose runs have finished: spec.json and runs/<variant>-seed<s>/result.json, from (V,S,N,K)
+    probabilities, optional lesion ids and (V,S,N) segmentation scores (None for a variant without a decoder)."""
+    n_variants, n_seeds, n, k = probabilities.shape
+    ids = [f"ISIC_{i:07d}" for i in range(n)]
+    groups = ids if groups is None else [f"lesion{g}" for g in groups]
+    variants = [{"name": name, "config": None, "config_sha1": None, "overrides": []} for name in names]
+    spec = {"name": "synthetic", "base_configs": [], "variants": variants, "seeds": list(range(n_seeds))}
+    out.mkdir()
+    (out / "spec.json").write_text(json.dumps({**spec, "split": "test", "overrides": []}))
+    for v, name in enumerate(names):
+        for s in range(n_seeds):
+            per_image = {
+                "ids": ids,
+                "group": dict(zip(ids, groups, strict=True)),
+                "class_names": [f"C{c}" for c in range(k)],
+                "label": dict(zip(ids, truth.tolist(), strict=True)),
+                "probabilities": dict(zip(ids, probabilities[v, s].tolist(), strict=True)),
+            }
+            if segmentation is not None and segmentation[v] is not None:
+                for key in ("threshold_jaccard", "dice"):
+                    per_image[key] = dict(zip(ids, segmentation[v][s].tolist(), strict=True))
+            run = out / "runs" / f"{name}-seed{s}"
+            run.mkdir(parents=True)
+            result = {"steps": 10, "checkpoint_step": 10, "fit_seconds": 60.0, "per_image": per_image}
+            (run / "result.json").write_text(json.dumps(result))
+
+
+def _primary_row(md: str, variant: str, against: str) -> str:
+    primary = md.split("## Primary metric")[1].split("## Secondary")[0]
+    return next(line for line in primary.splitlines() if line.startswith(f"| {variant} | {against} |"))
+
+
+def test_seed_noise_is_not_a_difference_although_an_image_only_bootstrap_calls_it_one(tmp_path):
+    """Two variants trained by one procedure (same expected accuracy 0.75; a seed moves a run by about +-0.1):
+    their seed means differ by 0.10 by chance. The image-only bootstrap of the seed-averaged predictions excludes
+    0 (it cannot see the seeds); the study's two-level interval holds 0, and the study marks no difference."""
+    rng = np.random.default_rng(0)
+    n, k = 2000, 2
+    truth = np.arange(n) % k
+    accuracies = [[0.60, 0.70, 0.80], [0.70, 0.80, 0.90]]  # one population of seeds, split 3 / 3
+    probabilities = np.stack([_run_probabilities(a, truth, k, rng) for a in accuracies])
+    _finished_study(tmp_path / "study", probabilities, truth, ["a", "b"])
+
+    summary = summarize_study(tmp_path / "study", n_resamples=500)
+    estimate, low, high = summary["comparisons"][0]["balanced_accuracy"]
+    assert low < 0 < high, (low, high)
+
+    correct = probabilities.argmax(-1) == truth  # (variants, seeds, images)
+    every_seed = [np.arange(3)]
+
+    def seed_mean(v):
+        return lambda i: balanced_accuracy_statistic(correct[v], truth, k)(every_seed, i)
+
+    image_only = bootstrap_difference(seed_mean(1), seed_mean(0), n, n_resamples=1000)
+    assert image_only[0] == pytest.approx(estimate)  # the same difference: only the interval differs
+    assert image_only[0] == pytest.approx(0.10, abs=0.02)
+    assert image_only[1] > 0, image_only  # images alone: a "significant" difference
+    assert not _primary_row((tmp_path / "study" / "study.md").read_text(), "b", "a").endswith("* |")
+
+
+def test_a_difference_beyond_the_seed_spread_is_marked_and_the_comparisons_are_counted(tmp_path):
+    """Four variants (5 comparisons): one clear gain is marked in the primary table (95 % and Bonferroni 99 %);
+    the markdown names the number of comparisons, the Bonferroni level and the secondary intervals' number; the
+    segmentation metrics are compared only between the two variants that segment; lesions are counted."""
+    rng = np.random.default_rng(1)
+    n, k = 600, 3
+    truth = np.arange(n) % k
+    accuracies = [[0.50, 0.52], [0.85, 0.86], [0.84, 0.86], [0.49, 0.53]]
+    probabilities = np.stack([_run_probabilities(a, truth, k, rng) for a in accuracies])
+    segmentation = [None, None, rng.random((2, n)), rng.random((2, n))]
+    names = ["baseline", "attention", "fusion", "full"]
+    out = tmp_path / "study"
+    _finished_study(out, probabilities, truth, names, groups=np.arange(n) // 3, segmentation=segmentation)
+
+    summary = summarize_study(out, n_resamples=400)
+    assert summary["intervals"]["primary"] == "balanced_accuracy"
+    assert summary["intervals"]["primary_comparisons"] == 5
+    assert summary["intervals"]["bonferroni_level"] == pytest.approx(0.99)
+    assert summary["intervals"]["secondary_intervals"] == 5 * 4 + 2  # 4 more diagnosis metrics; Jaccard, Dice once
+    assert summary["lesions"] == 200
+    md = (out / "study.md").read_text()
+    gain = _primary_row(md, "attention", "baseline")
+    assert " * |" in gain
+    assert gain.endswith(" † |")
+    assert " * |" not in _primary_row(md, "fusion", "attention")
+    assert "600 labelled images of 200 lesions" in md
+    assert "5 comparison(s) of the primary metric" in md
+    assert "Bonferroni 99 % interval" in md
+    assert "22 more 95 % intervals" in md
+    assert md.index("## Primary metric: balanced accuracy") < md.index("## Secondary metrics")
+    by_pair = {(c["variant"], c["against"]): c for c in summary["comparisons"]}
+    assert not math.isnan(by_pair["full", "fusion"]["threshold_jaccard"][0])
+    assert all(math.isnan(by_pair[pair]["dice"][0]) for pair in by_pair if pair != ("full", "fusion"))
+
+    from PIL import Image
+
+    width, height = Image.open(out / "study.png").size
+    assert 800 <= width <= 1000  # README width: one readable panel, not a row of seven
+    assert height < width
+
+
+# ---------------------------------------------------------------- the study's definition (spec.json) and resuming
+
+
+def test_spec_stores_config_paths_relative_to_the_folder_the_command_runs_in(tmp_path, tmp_path_factory):
+    (tmp_path / "experiments").mkdir()
+    base = tmp_path / "experiments" / "base.yaml"
+    base.write_text("trainer: {}\n")
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "other.yaml"  # outside the working folder: kept absolute
+    elsewhere.write_text("model: {}\n")
+    variant = parse_variant("experiments/base.yaml")
+    spec = _study_spec("s", [str(base), str(elsewhere)], [variant], [0], "test", [])
+    assert [path for path, _ in spec["base_configs"]] == ["experiments/base.yaml", str(elsewhere.resolve())]
+    assert spec["variants"][0]["config"] == "experiments/base.yaml"
+    assert variant.config == str(base.resolve())  # the fit commands themselves get absolute paths
+    # The stored spec (JSON) of the same command is the same study: resuming is allowed.
+    stored = json.loads(json.dumps(spec))
+    _check_resume(tmp_path, stored, spec, None)
+
+
+def test_resuming_with_a_changed_config_is_refused_and_names_the_config(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    base, variant = tmp_path / "experiments" / "base.yaml", tmp_path / "experiments" / "full.yaml"
+    base.write_text("trainer: {}\n")
+    variant.write_text("model: {}\n")
+    out = tmp_path / "study"
+    out.mkdir()
+    spec = _study_spec("study", [str(base)], [parse_variant(str(variant))], [0, 1], "test", [])
+    (out / "spec.json").write_text(json.dumps(spec))
+    base.write_text("trainer: {max_steps: 3}\n")
+    variant.write_text("model: {x: 1}\n")
+    with pytest.raises(StudyError, match="different study") as error:
+        run_study(out, [str(base)], [str(variant)], seeds=[0, 1])
+    message = str(error.value)
+    assert "experiments/base.yaml has changed" in message
+    assert "variant 'full': experiments/full.yaml has changed" in message
+    assert "seeds" not in message  # only what differs is named
+
+
+def test_committed_study_spec_names_configs_inside_the_project(repo_root):
+    spec = json.loads((repo_root / "docs" / "study" / "spec.json").read_text())
+    configs = [path for path, _ in spec["base_configs"]] + [v["config"] for v in spec["variants"]]
+    assert all(not path.startswith("/") and (repo_root / path).is_file() for path in configs), configs
 
 
 # ---------------------------------------------------------------- variants
@@ -175,6 +353,8 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
     out = tmp_path / "study"
     for name in ("study.md", "study.csv", "study.json", "study.png", "spec.json"):
         assert (out / name).is_file(), name
+    spec = json.loads((out / "spec.json").read_text())
+    assert re.fullmatch("[0-9a-f]{40}", spec["code"]["commit"])  # the code that trained it
     summary = json.loads((out / "study.json").read_text())
     assert [r["variant"] for r in summary["rows"]] == ["plain", "cbam"]
     assert all(r["steps"] == 2 for r in summary["rows"])  # the budget: equal optimiser steps

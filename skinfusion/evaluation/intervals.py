@@ -6,6 +6,13 @@ with another seed, which on small data is often the larger part. :func:`two_leve
 each replicate draws the seeds with replacement, then the lesions (with replacement, within each class so
 that every class keeps its support), and averages the statistic over the drawn seeds on the drawn images.
 
+A difference of two variants is a statistic of two *arms*: one draw of runs per variant, on one shared draw of
+lesions. The lesions are paired (both variants are scored on the same images, so what the images share
+cancels); the seeds are not: the runs of two variants are independent trainings, and the same
+``seed_everything`` value in two different networks draws unrelated weights, so each arm's seeds are drawn on
+their own. Pairing seed ``i`` with seed ``i`` would only be right where the seed sets something both runs
+share (the data order, say), and then it should be one arm.
+
 With few seeds (2 or 3) the seed level is coarse: the interval is wide, honestly so, since 2 or 3 runs say
 little about the spread of a training procedure.
 """
@@ -17,7 +24,13 @@ from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
-__all__ = ["balanced_accuracy_statistic", "group_indices", "two_level_bootstrap"]
+__all__ = [
+    "balanced_accuracy_statistic",
+    "group_indices",
+    "percentile_interval",
+    "two_level_bootstrap",
+    "two_level_replicates",
+]
 
 
 def group_indices(groups: Sequence[Hashable], strata: Sequence[Hashable] | None = None) -> list[list[np.ndarray]]:
@@ -34,6 +47,64 @@ def group_indices(groups: Sequence[Hashable], strata: Sequence[Hashable] | None 
     return [[np.asarray(v) for v in members.values()] for members in by_stratum.values()]
 
 
+def two_level_replicates(
+    statistic: Callable[[Sequence[np.ndarray], np.ndarray], float | np.ndarray],
+    n_seeds: int | Sequence[int],
+    groups: Sequence[Hashable],
+    strata: Sequence[Hashable] | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A statistic on the data as it is and on ``n_resamples`` two-level replicates (seeds, then lesions).
+
+    Args:
+        statistic: ``statistic(seed_draws, items) -> float or array``: ``seed_draws`` holds one array of run
+            indices per arm (one arm for a figure, two for a difference of two variants, more for several
+            variants at once: each arm's seeds are drawn on their own), ``items`` the image indices (with repeats)
+            of the replicate, shared by every arm. On the original data it is called with every run once and
+            every image once. An array result gives several figures from the same replicates.
+        n_seeds: runs per arm (an int: one arm).
+        groups: the resampling unit of each image, e.g. its lesion: images of one lesion are drawn together.
+        strata: optional class of each image: groups are drawn within their stratum, so every class keeps the
+            number of groups it has (balanced accuracy needs every class present).
+        seed: of the resampling.
+
+    Returns:
+        ``(estimate, values)``: the statistic's value (an array of its shape) and ``(n_resamples, *shape)``.
+    """
+    arms = [n_seeds] if isinstance(n_seeds, int) else list(n_seeds)
+    if not arms or min(arms) < 1:
+        raise ValueError(f"every arm needs at least one run, got {arms}")
+    # Per stratum: its groups' items end to end, where each group starts, and its size.
+    strata_groups = [
+        (np.concatenate(members), np.cumsum(sizes) - sizes, sizes)
+        for members in group_indices(groups, strata)
+        for sizes in [np.array([len(m) for m in members])]
+    ]
+    estimate = np.asarray(statistic([np.arange(k) for k in arms], np.arange(len(groups))), dtype=float)
+    rng = np.random.default_rng(seed)
+    values = np.empty((n_resamples, *estimate.shape))
+    for b in range(n_resamples):
+        draws = [rng.integers(0, k, size=k) for k in arms]
+        picked = []
+        for items, starts, sizes in strata_groups:
+            drawn = rng.integers(0, len(sizes), size=len(sizes))
+            lengths = sizes[drawn]  # the drawn groups' items, in the order drawn
+            within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            picked.append(items[np.repeat(starts[drawn], lengths) + within])
+        values[b] = statistic(draws, np.concatenate(picked))
+    return estimate, values
+
+
+def percentile_interval(values: np.ndarray, confidence_level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)``: the percentile interval of replicates ``values`` (along axis 0; NaN replicates skipped)."""
+    if not 0 < confidence_level < 1:
+        raise ValueError(f"confidence_level must be in (0, 1), got {confidence_level}")
+    alpha = (1 - confidence_level) / 2
+    low, high = np.nanquantile(values, [alpha, 1 - alpha], axis=0)
+    return low, high
+
+
 def two_level_bootstrap(
     statistic: Callable[[Sequence[np.ndarray], np.ndarray], float],
     n_seeds: int | Sequence[int],
@@ -46,35 +117,16 @@ def two_level_bootstrap(
     """A statistic of several training runs with a percentile interval that resamples seeds, then lesions.
 
     Args:
-        statistic: ``statistic(seed_draws, items) -> float``: ``seed_draws`` holds one array of run indices per arm
-            (one arm for a figure, two for a difference of two variants: each arm's seeds are drawn on their own),
-            ``items`` the image indices (with repeats) of the replicate. On the original data it is called with
-            every run once and every image once.
-        n_seeds: runs per arm (an int: one arm).
-        groups: the resampling unit of each image, e.g. its lesion: images of one lesion are drawn together.
-        strata: optional class of each image: groups are drawn within their stratum, so every class keeps the
-            number of groups it has (balanced accuracy needs every class present).
+        statistic, n_seeds, groups, strata, seed: as for :func:`two_level_replicates` (a float statistic).
         n_resamples, confidence_level: of the percentile interval.
-        seed: of the resampling.
 
     Returns:
         ``(estimate on the data as it is, low, high)``.
     """
-    arms = [n_seeds] if isinstance(n_seeds, int) else list(n_seeds)
-    if not arms or min(arms) < 1:
-        raise ValueError(f"every arm needs at least one run, got {arms}")
     if not 0 < confidence_level < 1:
         raise ValueError(f"confidence_level must be in (0, 1), got {confidence_level}")
-    strata_groups = group_indices(groups, strata)
-    estimate = statistic([np.arange(k) for k in arms], np.arange(len(groups)))
-    rng = np.random.default_rng(seed)
-    values = np.empty(n_resamples)
-    for b in range(n_resamples):
-        draws = [rng.integers(0, k, size=k) for k in arms]
-        picked = [members[j] for members in strata_groups for j in rng.integers(0, len(members), size=len(members))]
-        values[b] = statistic(draws, np.concatenate(picked))
-    alpha = (1 - confidence_level) / 2
-    low, high = np.nanquantile(values, [alpha, 1 - alpha])
+    estimate, values = two_level_replicates(statistic, n_seeds, groups, strata, n_resamples, seed)
+    low, high = percentile_interval(values, confidence_level)
     return float(estimate), float(low), float(high)
 
 

@@ -9,11 +9,20 @@ resolution by :func:`~skinfusion.evaluation.report.evaluate` (the official ISIC 
 Seeds change ``seed_everything`` only: the split, data order and augmentation follow ``data.seed``, so the
 variants are compared on the same images. The summary (``study.md``, ``study.csv``, ``study.json``,
 ``study.png``) gives each variant's mean ± sd over seeds and each row's difference to the baseline (the first
-variant) and to the row above, with a 95% paired bootstrap interval over the test images of the seed-averaged
-metric (so it covers both image sampling and the seeds run).
+variant) and to the row above, with a 95% two-level bootstrap interval
+(:func:`~skinfusion.evaluation.intervals.two_level_replicates`): every replicate draws each variant's seeds with
+replacement, independently of the other variants (separate trainings: the same seed in two networks draws
+unrelated weights), then the test lesions with replacement within their class, shared by both sides of a
+difference. So the interval covers which images were scored *and* which seeds were trained. Balanced accuracy
+(the ISIC 2018 Task 3 ranking metric) is the primary metric: its comparisons come first, with a Bonferroni
+interval for their number; the other metrics are secondary, described with the same (uncorrected) intervals.
 
 A study is resumable: a finished run (``result.json``) is kept, an interrupted one continues from its
 ``last.ckpt``; every variant's config is validated (``--print_config``) before any training starts.
+``spec.json`` records what defines the study (configs with their hashes, variants, seeds, split, overrides;
+config paths relative to the folder the command runs in when they lie inside it, as README's commands do from
+the project root) and the code's git commit; a rerun into the folder resumes only when the definition is the
+same, and otherwise names what differs.
 """
 
 from __future__ import annotations
@@ -42,11 +51,13 @@ import numpy as np
 import yaml
 
 from skinfusion.errors import SkinFusionError
+from skinfusion.evaluation.intervals import percentile_interval, two_level_replicates
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "METRICS",
+    "PRIMARY",
     "Variant",
     "bootstrap_difference",
     "classification_summary",
@@ -67,6 +78,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "threshold_jaccard": ("thresholded Jaccard", "seg"),
     "dice": ("Dice", "seg"),
 }
+
+#: The primary metric: the study's comparisons are judged on it (ISIC 2018 Task 3 ranks by it); the others describe.
+PRIMARY = "balanced_accuracy"
 
 
 class StudyError(SkinFusionError, ValueError):
@@ -138,40 +152,63 @@ def confusion_matrix(truth: np.ndarray, probabilities: np.ndarray) -> np.ndarray
     return np.bincount(np.asarray(truth, dtype=np.int64) * k + predicted, minlength=k * k).reshape(k, k)
 
 
-def classification_summary(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+def classification_summary(
+    truth: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None
+) -> dict[str, float]:
     """Accuracy, macro precision / recall (= balanced accuracy) / F1 and macro one-vs-rest AUC of argmax predictions.
 
     Macro means run over the classes present in the truth, as the ISIC 2018 balanced accuracy does; a present
     class never predicted has precision 0. AUC is the Mann-Whitney statistic with ties counted half.
 
-    Shape:
-        truth (N,) int class indices, probabilities (N, K).
-    """
-    from scipy.stats import rankdata
+    Args:
+        weights: optional count of each image (a bootstrap resample: image ``i`` drawn ``weights[i]`` times);
+            the figures equal those of the images repeated that many times.
 
+    Shape:
+        truth (N,) int class indices, probabilities (N, K), weights (N,).
+    """
+    return _classification_scorer(truth, probabilities)(weights)
+
+
+def _classification_scorer(
+    truth: np.ndarray, probabilities: np.ndarray
+) -> Callable[[np.ndarray | None], dict[str, float]]:
+    """:func:`classification_summary` of one run as a function of the image weights (argmax and ties precomputed)."""
     truth = np.asarray(truth, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    matrix = confusion_matrix(truth, probabilities).astype(np.float64)
-    support, predicted_count, hits = matrix.sum(1), matrix.sum(0), np.diag(matrix)
-    present = support > 0
-    recall = hits[present] / support[present]
-    precision = np.divide(hits, predicted_count, out=np.zeros(len(hits)), where=predicted_count > 0)[present]
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(recall), where=precision + recall > 0)
-    aucs = []
-    for c in np.flatnonzero(present):
-        positive = truth == c
-        n_pos, n_neg = positive.sum(), (~positive).sum()
-        if n_neg == 0:
-            continue
-        ranks = rankdata(probabilities[:, c])
-        aucs.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return {
-        "accuracy": float(hits.sum() / max(len(truth), 1)),
-        "precision": float(precision.mean()),
-        "balanced_accuracy": float(recall.mean()),
-        "f1": float(f1.mean()),
-        "auc": float(np.mean(aucs)) if aucs else math.nan,
-    }
+    n, k = probabilities.shape
+    cells = truth * k + probabilities.argmax(1)
+    positives = [truth == c for c in range(k)]
+    ties = [np.unique(probabilities[:, c], return_inverse=True)[1].ravel() for c in range(k)]  # score ranks, tied
+
+    def score(weights: np.ndarray | None = None) -> dict[str, float]:
+        w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+        matrix = np.bincount(cells, weights=w, minlength=k * k).reshape(k, k)
+        support, predicted_count, hits = matrix.sum(1), matrix.sum(0), np.diag(matrix)
+        present = support > 0
+        recall = hits[present] / support[present]
+        precision = np.divide(hits, predicted_count, out=np.zeros(k), where=predicted_count > 0)[present]
+        f1 = np.divide(
+            2 * precision * recall, precision + recall, out=np.zeros_like(recall), where=precision + recall > 0
+        )
+        aucs = []
+        for c in np.flatnonzero(present):
+            # Mann-Whitney over the weighted images: each positive counts the negatives scored below it, ties half.
+            pos = np.bincount(ties[c], weights=w * positives[c])
+            neg = np.bincount(ties[c], weights=w * ~positives[c])
+            if neg.sum() == 0:
+                continue
+            below = np.cumsum(neg) - neg
+            aucs.append((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+        return {
+            "accuracy": float(hits.sum() / max(w.sum(), 1)),
+            "precision": float(precision.mean()),
+            "balanced_accuracy": float(recall.mean()),
+            "f1": float(f1.mean()),
+            "auc": float(np.mean(aucs)) if aucs else math.nan,
+        }
+
+    return score
 
 
 def per_class_table(truth: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict[str, dict]:
@@ -201,10 +238,13 @@ def bootstrap_difference(
     confidence_level: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """``statistic_a - statistic_b`` with a paired bootstrap interval over ``n`` items (images).
+    """``statistic_a - statistic_b`` with a paired bootstrap interval over ``n`` items (images) alone.
 
     Both statistics take the same resampled item indices, so whatever the two share (the images, their
-    difficulty) cancels; :func:`scipy.stats.bootstrap` draws the resamples (percentile interval).
+    difficulty) cancels; :func:`scipy.stats.bootstrap` draws the resamples (percentile interval). The runs are
+    held fixed: on seed-averaged predictions this is the interval the study reported before it resampled the
+    seeds, and it misses the seed-to-seed spread. The study compares with the two-level interval instead; this
+    one stays as the image-only reference the tests hold the two-level interval against.
 
     Returns:
         ``(difference on all items, low, high)``.
@@ -322,7 +362,8 @@ def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: P
         # No segmentation head (the paper's baseline and attention variants): diagnosis is all it is scored on.
         records = [dataclasses.replace(r, mask=None) for r in records if r.label is not None]
     metrics = evaluate(predictor, records, out_dir, worst=4)
-    per_image: dict[str, Any] = {"ids": [r.id for r in records]}
+    # The lesion of each image: the intervals draw the images of one lesion together.
+    per_image: dict[str, Any] = {"ids": [r.id for r in records], "group": {r.id: r.group for r in records}}
     seg_path = out_dir / "per_image_segmentation.csv"
     if seg_path.is_file():
         with open(seg_path, newline="") as f:
@@ -351,6 +392,102 @@ def _format_seconds(seconds: float) -> str:
     return (
         f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
     )
+
+
+def _project_path(path: str | Path) -> str:
+    """``path`` relative to the folder the command runs in when it lies inside it (posix), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _sha1(path: str | Path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def _study_spec(
+    name: str,
+    base_configs: Sequence[str],
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    split: str,
+    overrides: Sequence[str],
+) -> dict[str, Any]:
+    """What defines a study (``spec.json``, compared on resume): configs as paths and hashes, variants, seeds..."""
+    return {
+        "name": name,
+        "base_configs": [[_project_path(c), _sha1(c)] for c in base_configs],
+        "variants": [
+            {
+                "name": v.name,
+                "config": v.config and _project_path(v.config),
+                "config_sha1": v.config and _sha1(v.config),
+                "overrides": [list(item) for item in v.overrides],
+            }
+            for v in variants
+        ],
+        "seeds": list(seeds),
+        "split": split,
+        "overrides": list(overrides),
+    }
+
+
+def _spec_differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between the stored study definition and this command's, in words (empty: the same study)."""
+    differences = [
+        f"{key}: {then.get(key)} when it started, {now[key]} now"
+        for key in ("name", "seeds", "split", "overrides")
+        if then.get(key) != now[key]
+    ]
+
+    def changed(path: str, old: str | None, new: str) -> str:
+        return f"{path} has changed (sha1 {old or 'not recorded'} when the study started, {new} now)"
+
+    then_paths, now_paths = [c[0] for c in then.get("base_configs", [])], [c[0] for c in now["base_configs"]]
+    if then_paths != now_paths:
+        differences.append(f"base configs: {then_paths} when it started, {now_paths} now")
+    else:
+        differences += [
+            changed(path, old, new)
+            for (path, old), (_, new) in zip(then["base_configs"], now["base_configs"], strict=True)
+            if old != new
+        ]
+    then_names, now_names = [v["name"] for v in then.get("variants", [])], [v["name"] for v in now["variants"]]
+    if then_names != now_names:
+        return [*differences, f"variants: {then_names} when it started, {now_names} now"]
+    for old, new in zip(then["variants"], now["variants"], strict=True):
+        if old.get("config") != new["config"]:
+            differences.append(
+                f"variant {new['name']!r}: config {old.get('config')} when it started, {new['config']} now"
+            )
+        elif old.get("config_sha1") != new["config_sha1"]:
+            differences.append(
+                f"variant {new['name']!r}: " + changed(new["config"], old.get("config_sha1"), new["config_sha1"])
+            )
+        if old.get("overrides") != new["overrides"]:
+            differences.append(
+                f"variant {new['name']!r}: overrides {old.get('overrides')} when it started, {new['overrides']} now"
+            )
+    return differences
+
+
+def _code_version() -> dict[str, Any] | None:
+    """The git commit of the skinfusion checkout running the study and whether it has uncommitted changes."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None  # installed inside some other repository: its commit says nothing about this code
+        return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "-uno"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def run_study(
@@ -409,25 +546,17 @@ def run_study(
         budget += ["--trainer.check_val_every_n_epoch=null", f"--trainer.val_check_interval={every}"]
     budget += [f"--trainer.max_time={max_time}"] if max_time else []
     overrides = [*budget, *overrides]
-    spec = {
-        "name": name,
-        "base_configs": [[c, hashlib.sha1(Path(c).read_bytes()).hexdigest()[:12]] for c in base_configs],
-        "variants": [dataclasses.asdict(v) for v in variants],
-        "seeds": list(seeds),
-        "split": split,
-        "overrides": list(overrides),
-    }
+    spec = _study_spec(name, base_configs, variants, seeds, split, overrides)
+    code = _code_version()
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
-    if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
-        raise StudyError(
-            "holds a different study (other configs, variants, seeds, split or overrides); rerun the same"
-            " command to resume it, or choose another --out",
-            out,
-        )
+    stored = json.loads(spec_path.read_text()) if spec_path.is_file() else None
+    if stored is not None:
+        _check_resume(out, stored, spec, code)
     # Every variant's config must parse before any run trains.
     resolved = _resolved_configs({v: _fit_command(base_configs, v, overrides, seeds[0]) for v in variants})
-    _atomic_json(spec_path, spec)
+    if stored is None:
+        _atomic_json(spec_path, {**spec, "code": code})
 
     runs = [(variant, seed) for variant in variants for seed in seeds]
     todo = [
@@ -458,6 +587,7 @@ def run_study(
             "checkpoint_step": _steps_of(checkpoint),
             "steps": _steps_of(_last_checkpoint(run_dir)),
             "fit_seconds": float((run_dir / "fit_seconds").read_text()),
+            "code": code,
             **evaluation,
         }
         _atomic_json(run_dir / "result.json", result)
@@ -474,6 +604,26 @@ def run_study(
     summary = summarize_study(out, n_resamples=n_resamples)
     _log_to_wandb(summary, out, resolved[variants[0].name])
     return summary
+
+
+def _check_resume(out: Path, stored: dict[str, Any], spec: dict[str, Any], code: dict[str, Any] | None) -> None:
+    """Refuse a folder that holds another study, naming what differs; warn when the code has moved on."""
+    differences = _spec_differences(stored, json.loads(json.dumps(spec)))
+    if differences:
+        raise StudyError(
+            "holds a different study: " + "; ".join(differences) + ". Rerun the command it started with, from the"
+            " folder it started in (config paths are stored relative to it), to resume it, or choose another --out",
+            out,
+        )
+    then = (stored.get("code") or {}).get("commit")
+    if then and code and code["commit"] != then:
+        log.warning(
+            "%s: the study started at commit %s, this code is at %s: runs trained now may differ from the finished"
+            " ones (each result.json records its commit)",
+            out,
+            then[:12],
+            code["commit"][:12],
+        )
 
 
 def _train(command: list[str], run_dir: Path, config: dict[str, Any], study: str, threads: int | None) -> None:
@@ -514,13 +664,19 @@ def _load_results(out: Path) -> tuple[dict[str, Any], list[str], list[int], dict
 
 
 def _arrays(results: dict, names: list[str], seeds: list[int]) -> dict[str, Any]:
-    """Per-image arrays on the images every run scored: labels, probabilities (V,S,N,K), seg scores (V,S,N)."""
+    """Per-image arrays on the images every run scored: labels, probabilities (V,S,N,K), seg scores (V,S,N), lesions.
+
+    ``groups`` / ``seg_groups``: the lesion of each labelled / masked image; runs scored before ``result.json``
+    recorded lesions count every image as its own (``lesions_known`` False).
+    """
     first = results[names[0], seeds[0]]["per_image"]
-    arrays: dict[str, Any] = {}
+    lesions = first.get("group", {})
+    arrays: dict[str, Any] = {"lesions_known": "group" in first}
     if "label" in first:
         ids = sorted(first["label"])
         arrays["class_names"] = first["class_names"]
         arrays["label"] = np.array([first["label"][i] for i in ids])
+        arrays["groups"] = [lesions.get(i, i) for i in ids]
         arrays["probabilities"] = np.array(
             [[[results[n, s]["per_image"]["probabilities"][i] for i in ids] for s in seeds] for n in names]
         )
@@ -528,6 +684,7 @@ def _arrays(results: dict, names: list[str], seeds: list[int]) -> dict[str, Any]
     segmenting = [n for n in names if "threshold_jaccard" in results[n, seeds[0]]["per_image"]]
     if segmenting:
         ids = sorted(results[segmenting[0], seeds[0]]["per_image"]["threshold_jaccard"])
+        arrays["seg_groups"] = [lesions.get(i, i) for i in ids]
         missing = [math.nan] * len(ids)
         for key in ("threshold_jaccard", "dice"):
             arrays[key] = np.array(
@@ -539,22 +696,45 @@ def _arrays(results: dict, names: list[str], seeds: list[int]) -> dict[str, Any]
     return arrays
 
 
-def _per_seed(arrays: dict[str, Any], metric: str, variant: int, index: Any = slice(None)) -> np.ndarray:
-    """``metric`` of each seed of a variant, on the images ``index``."""
-    if METRICS[metric][1] == "seg":
-        return arrays[metric][variant][:, index].mean(axis=1)
-    label = arrays["label"][index]
-    return np.array([classification_summary(label, p[index])[metric] for p in arrays["probabilities"][variant]])
+def _comparison_pairs(n_variants: int) -> list[tuple[int, int, str]]:
+    """``(variant, reference, kind)``: each variant against the baseline and (from the third on) the row above."""
+    pairs = []
+    for v in range(1, n_variants):
+        pairs.append((v, 0, "baseline"))
+        if v > 1:
+            pairs.append((v, v - 1, "row above"))
+    return pairs
 
 
-def _statistic(arrays: dict[str, Any], metric: str, variant: int) -> Callable[[np.ndarray], float]:
-    """The seed-averaged ``metric`` of a variant on a set of image indices (for the bootstrap)."""
-    if METRICS[metric][1] == "seg":
-        return lambda index: float(arrays[metric][variant][:, index].mean())
-    return lambda index: float(_per_seed(arrays, metric, variant, index).mean())
+def _difference_replicates(
+    per_run: Callable[[int, int, np.ndarray], np.ndarray],
+    variants: list[int],
+    n_seeds: int,
+    pairs: list[tuple[int, int]],
+    groups: Sequence[Any],
+    strata: np.ndarray | None,
+    n_resamples: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seed-mean differences ``(pairs, metrics)`` between ``variants`` and their ``(n_resamples, pairs, metrics)``
+    two-level replicates.
+
+    ``per_run(variant, run, items)`` gives one run's metrics on the images ``items``. Every variant is one arm of
+    :func:`~skinfusion.evaluation.intervals.two_level_replicates`: its seeds are drawn on their own and the lesions
+    once for all, so a difference is paired on images and not on seeds (see that module), and every comparison and
+    metric comes from the same replicates.
+    """
+
+    def statistic(seed_draws: Sequence[np.ndarray], items: np.ndarray) -> np.ndarray:
+        means = {}
+        for v, runs in zip(variants, seed_draws, strict=True):
+            drawn, counts = np.unique(runs, return_counts=True)
+            means[v] = counts @ np.array([per_run(v, r, items) for r in drawn]) / counts.sum()
+        return np.array([means[v] - means[reference] for v, reference in pairs])
+
+    return two_level_replicates(statistic, [n_seeds] * len(variants), groups, strata, n_resamples)
 
 
-def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
+def summarize_study(out: str | Path, n_resamples: int = 2000, confidence_level: float = 0.95) -> dict[str, Any]:
     """Write ``study.md``, ``study.csv``, ``study.json`` and ``study.png`` from the finished runs in ``out``."""
     from skinfusion.evaluation.isic import nanmean
 
@@ -562,14 +742,19 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
     spec, names, seeds, results = _load_results(out)
     arrays = _arrays(results, names, seeds)
     metrics = [m for m, (_, kind) in METRICS.items() if (kind == "cls" and "label" in arrays) or m in arrays]
-    n_images = {m: arrays[m].shape[2] if METRICS[m][1] == "seg" else len(arrays["label"]) for m in metrics}
+    cls, seg = [m for m in metrics if METRICS[m][1] == "cls"], [m for m in metrics if METRICS[m][1] == "seg"]
+    primary = PRIMARY if PRIMARY in metrics else metrics[0]
+    n_images = {m: arrays[m].shape[2] if m in seg else len(arrays["label"]) for m in metrics}
+    scorers = [[_classification_scorer(arrays["label"], p) for p in runs] for runs in arrays.get("probabilities", [])]
+    per_seed = {m: np.array([[scorers[v][s]()[m] for s in range(len(seeds))] for v in range(len(names))]) for m in cls}
+    per_seed |= {m: arrays[m].mean(axis=2) for m in seg}  # (variants, seeds); NaN: the variant does not segment
     rows = []
     for v, name in enumerate(names):
         row: dict[str, Any] = {"variant": name, "runs": len(seeds)}
         for metric in metrics:
-            per_seed = _per_seed(arrays, metric, v)
-            row[metric] = float(per_seed.mean())
-            row[f"{metric}_sd"] = float(per_seed.std(ddof=1)) if len(seeds) > 1 else math.nan
+            row[metric] = float(per_seed[metric][v].mean())
+            row[f"{metric}_sd"] = float(per_seed[metric][v].std(ddof=1)) if len(seeds) > 1 else math.nan
+            row[f"{metric}_seeds"] = per_seed[metric][v].tolist()
             row[f"{metric}_n"] = n_images[metric]
         row["steps"] = float(np.mean([results[name, s]["steps"] or results[name, s]["checkpoint_step"] for s in seeds]))
         row["fit_minutes"] = float(np.mean([results[name, s]["fit_seconds"] for s in seeds]) / 60)
@@ -577,34 +762,87 @@ def summarize_study(out: str | Path, n_resamples: int = 2000) -> dict[str, Any]:
             tables = [per_class_table(arrays["label"], p, arrays["class_names"]) for p in arrays["probabilities"][v]]
             row["per_class"] = {c: {k: nanmean([t[c][k] for t in tables]) for k in tables[0][c]} for c in tables[0]}
         rows.append(row)
-    comparisons = []
-    for v in range(1, len(names)):
-        for reference, kind in [(0, "baseline")] + ([(v - 1, "row above")] if v > 1 else []):
-            entry: dict[str, Any] = {"variant": names[v], "against": names[reference], "kind": kind}
-            for metric in metrics:
-                if METRICS[metric][1] == "seg" and np.isnan(arrays[metric][[v, reference]]).all(axis=(1, 2)).any():
-                    entry[metric] = (math.nan, math.nan, math.nan)  # one of the two does not segment
-                    continue
-                entry[metric] = bootstrap_difference(
-                    _statistic(arrays, metric, v), _statistic(arrays, metric, reference), n_images[metric], n_resamples
-                )
-            comparisons.append(entry)
-    summary = {"spec": spec, "metrics": metrics, "rows": rows, "comparisons": comparisons}
+
+    pairs = _comparison_pairs(len(names))
+    bonferroni_level = 1 - (1 - confidence_level) / max(len(pairs), 1)
+    comparisons = [
+        {"variant": names[v], "against": names[ref], "kind": kind, **{m: [math.nan] * 3 for m in metrics}}
+        for v, ref, kind in pairs
+    ]
+    blocks = []  # (metrics, variants measured, per_run, groups, strata)
+    if cls:
+        n = len(arrays["label"])
+
+        def classification(v: int, run: int, items: np.ndarray) -> np.ndarray:
+            scores = scorers[v][run](np.bincount(items, minlength=n))
+            return np.array([scores[m] for m in cls])
+
+        blocks.append((cls, list(range(len(names))), classification, arrays["groups"], arrays["label"]))
+    if seg:
+        scores = np.stack([arrays[m] for m in seg], axis=-1)  # (variants, seeds, images, metrics)
+        segmenting = [v for v in range(len(names)) if not np.isnan(scores[v]).all()]
+
+        def segmentation(v: int, run: int, items: np.ndarray) -> np.ndarray:
+            return scores[v, run, items].mean(axis=0)
+
+        blocks.append((seg, segmenting, segmentation, arrays["seg_groups"], None))
+    for block_metrics, measured, per_run, groups, strata in blocks:
+        # A pair with a variant that does not segment has no segmentation difference: left NaN.
+        kept = [i for i, (v, ref, _) in enumerate(pairs) if v in measured and ref in measured]
+        if not kept:
+            continue
+        estimate, values = _difference_replicates(
+            per_run, measured, len(seeds), [pairs[i][:2] for i in kept], groups, strata, n_resamples
+        )
+        low, high = percentile_interval(values, confidence_level)
+        if primary in block_metrics:
+            j = block_metrics.index(primary)
+            adjusted = percentile_interval(values[:, :, j], bonferroni_level)
+        for row_index, i in enumerate(kept):
+            for j, metric in enumerate(block_metrics):
+                comparisons[i][metric] = [float(x[row_index, j]) for x in (estimate, low, high)]
+            if primary in block_metrics:
+                comparisons[i][f"{primary}_bonferroni"] = [float(x[row_index]) for x in adjusted]
+    measured_intervals = sum(not math.isnan(c[m][0]) for c in comparisons for m in metrics)
+    intervals = {
+        "method": "two-level bootstrap: each variant's seeds drawn with replacement on their own (separate "
+        "trainings), then the lesions with replacement within their class, shared by both sides of a difference; "
+        "percentile interval of the difference of seed means",
+        "confidence_level": confidence_level,
+        "resamples": n_resamples,
+        "primary": primary,
+        "primary_comparisons": len(pairs),
+        "bonferroni_level": bonferroni_level,
+        "secondary_intervals": measured_intervals - sum(not math.isnan(c[primary][0]) for c in comparisons),
+        "lesions_known": arrays["lesions_known"],
+    }
+    summary = {
+        "spec": spec,
+        "metrics": metrics,
+        "intervals": intervals,
+        "rows": rows,
+        "comparisons": comparisons,
+        "lesions": len(set(arrays["groups"])) if "groups" in arrays else None,
+    }
     _atomic_json(out / "study.json", summary)
-    _write_csv(out / "study.csv", rows, comparisons, metrics)
+    _write_csv(out / "study.csv", rows, comparisons, metrics, primary)
     (out / "study.md").write_text(_markdown(summary))
-    _plot(out / "study.png", comparisons, metrics)
+    _plot(out / "study.png", comparisons, primary, confidence_level, bonferroni_level)
     return summary
 
 
-def _write_csv(path: Path, rows: list[dict], comparisons: list[dict], metrics: list[str]) -> None:
+def _write_csv(path: Path, rows: list[dict], comparisons: list[dict], metrics: list[str], primary: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", "against", *[f"{m}{s}" for m in metrics for s in ("", "_sd", "_low", "_high")]])
+        columns = [f"{m}{s}" for m in metrics for s in ("", "_sd", "_low", "_high")]
+        writer.writerow(["variant", "against", *columns, f"{primary}_bonferroni_low", f"{primary}_bonferroni_high"])
         for row in rows:
             writer.writerow([row["variant"], "", *[x for m in metrics for x in (row[m], row[f"{m}_sd"], "", "")]])
         for c in comparisons:
-            writer.writerow([c["variant"], c["against"], *[x for m in metrics for x in (c[m][0], "", *c[m][1:])]])
+            adjusted = c.get(f"{primary}_bonferroni", ["", ""])
+            writer.writerow(
+                [c["variant"], c["against"], *[x for m in metrics for x in (c[m][0], "", *c[m][1:])], *adjusted]
+            )
 
 
 def _pm(value: float, sd: float) -> str:
@@ -613,7 +851,7 @@ def _pm(value: float, sd: float) -> str:
     return f"{value:.3f}" if math.isnan(sd) else f"{value:.3f} ± {sd:.3f}"
 
 
-def _interval(value: tuple[float, float, float]) -> str:
+def _interval(value: Sequence[float]) -> str:
     estimate, low, high = value
     if math.isnan(estimate):
         return "—"
@@ -621,47 +859,98 @@ def _interval(value: tuple[float, float, float]) -> str:
     return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
 
 
+def _percent(level: float) -> str:
+    return f"{100 * level:.3g} %"
+
+
 def md_row(*cells: Any) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def _markdown(summary: dict[str, Any]) -> str:
-    spec, rows, metrics = summary["spec"], summary["rows"], summary["metrics"]
-    seeds = spec["seeds"]
-    n_cls = next((rows[0][f"{m}_n"] for m in metrics if METRICS[m][1] == "cls"), 0)
-    n_seg = next((rows[0][f"{m}_n"] for m in metrics if METRICS[m][1] == "seg"), 0)
-    titles, right = [METRICS[m][0] for m in metrics], ["---:"] * len(metrics)
+    spec, rows, metrics, info = summary["spec"], summary["rows"], summary["metrics"], summary["intervals"]
+    seeds, primary, comparisons = spec["seeds"], info["primary"], summary["comparisons"]
+    secondary = [m for m in metrics if m != primary]
+    m, level, adjusted = info["primary_comparisons"], _percent(info["confidence_level"]), info["bonferroni_level"]
+    alpha = 1 - info["confidence_level"]
+    n_cls = next((rows[0][f"{k}_n"] for k in metrics if METRICS[k][1] == "cls"), 0)
+    n_seg = next((rows[0][f"{k}_n"] for k in metrics if METRICS[k][1] == "seg"), 0)
+    lesions = (
+        f" of {summary['lesions']} lesions"
+        if info["lesions_known"]
+        else " (no lesion ids recorded: each image counted as its own lesion)"
+    )
+    title = METRICS[primary][0]
     lines = [
         f"# Study `{spec['name']}`",
         "",
         f"{len(rows)} variants x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), scored on the "
-        f"`{spec['split']}` split at the original resolution: {n_cls} labelled images (diagnosis), "
-        f"{n_seg} images with a mask (segmentation). Mean ± sd over seeds; — : not measured (a variant without"
-        " the decoder has no segmentation output).",
+        f"`{spec['split']}` split at the original resolution: {n_cls} labelled images{lesions if n_cls else ''} "
+        f"(diagnosis), {n_seg} images with a mask (segmentation).",
         "",
-        md_row("variant", *titles, "steps", "fit min"),
-        md_row("---", *right, "---:", "---:"),
+        f"## Primary metric: {title}",
+        "",
+        f"The comparisons are judged on {title.split(' (')[0]} (the ISIC 2018 Task 3 ranking metric) alone; the"
+        " other metrics, below, describe.",
+        "",
+        md_row("variant", f"{title}, mean ± sd over seeds", "each seed"),
+        md_row("---", "---:", "---"),
+        *(
+            md_row(
+                r["variant"], _pm(r[primary], r[f"{primary}_sd"]), " / ".join(f"{x:.3f}" for x in r[f"{primary}_seeds"])
+            )
+            for r in rows
+        ),
+        "",
+        md_row("variant", "against", f"difference [{level} interval]", f"Bonferroni {_percent(adjusted)} interval"),
+        md_row("---", "---", "---:", "---:"),
+        *(
+            md_row(c["variant"], c["against"], _interval(c[primary]), _adjusted(c.get(f"{primary}_bonferroni")))
+            for c in comparisons
+        ),
+        "",
+        f"Each row minus its reference. Intervals: two-level bootstrap ({info['resamples']} resamples, percentile):"
+        " every replicate draws each variant's seeds with replacement, independently of the other variant's (they"
+        " are separate trainings), then the test lesions with replacement within their class, the same lesions for"
+        " both sides; the difference is of seed means. So an interval covers both which images were scored and"
+        f" which seeds were trained; with {len(seeds)} seed(s) a variant the seed level is coarse and the interval"
+        f" wide. `*`: the {level} interval excludes 0. {m} comparison(s) of the primary metric: at {level} each,"
+        f" the chance of at least one `*` where no variant differs is up to {m} x {_percent(alpha)} ="
+        f" {_percent(min(1.0, m * alpha))}; the Bonferroni interval ({_percent(adjusted)} each,"
+        f" {level} for all {m} together) keeps it under {_percent(alpha)}. `†`: that interval excludes 0 too.",
+        "",
+        "## Secondary metrics (descriptive)",
+        "",
+        "Mean ± sd over seeds; — : not measured (a variant without the decoder has no segmentation output).",
+        "",
+        md_row("variant", *[METRICS[k][0] for k in metrics], "steps", "fit min"),
+        md_row("---", *["---:"] * len(metrics), "---:", "---:"),
         *(
             md_row(
                 r["variant"],
-                *[_pm(r[m], r[f"{m}_sd"]) for m in metrics],
+                *[_pm(r[k], r[f"{k}_sd"]) for k in metrics],
                 f"{r['steps']:.0f}",
                 f"{r['fit_minutes']:.1f}",
             )
             for r in rows
         ),
         "",
-        "## Differences",
-        "",
-        "Each row minus its reference, with a 95% paired bootstrap interval over the test images (seed-averaged "
-        "metric; `scipy.stats.bootstrap`, percentile). `*`: the interval excludes 0.",
-        "",
-        md_row("variant", "against", *titles),
-        md_row("---", "---", *right),
-        *(md_row(c["variant"], c["against"], *[_interval(c[m]) for m in metrics]) for c in summary["comparisons"]),
     ]
+    if secondary and comparisons:
+        n = info["secondary_intervals"]
+        lines += [
+            md_row("variant", "against", *[METRICS[k][0] for k in secondary]),
+            md_row("---", "---", *["---:"] * len(secondary)),
+            *(md_row(c["variant"], c["against"], *[_interval(c[k]) for k in secondary]) for c in comparisons),
+            "",
+            f"{n} more {level} intervals, the same two-level bootstrap, not corrected for their number: about"
+            f" {n} x {_percent(alpha)} = {n * alpha:.1f} `*` are expected by chance alone where nothing differs,"
+            " and the metrics move together (they count the same predictions). Read them as description, not as"
+            " findings.",
+            "",
+        ]
     if "per_class" in rows[0]:
-        lines += ["", "## Per class (argmax predictions, mean over seeds)", ""]
+        lines += ["## Per class (argmax predictions, mean over seeds)", ""]
         for row in rows:
             lines += [
                 f"**{row['variant']}**",
@@ -676,31 +965,55 @@ def _markdown(summary: dict[str, Any]) -> str:
                 lines.append(md_row(c, f"{t['support']:.0f}", *cells))
             lines.append("")
     lines += [
-        "",
         "Commands, configs and seeds: `spec.json`; every run's report: `runs/<variant>-seed<seed>/eval/`.",
         "",
     ]
     return "\n".join(lines)
 
 
-def _plot(path: Path, comparisons: list[dict], metrics: list[str]) -> None:
+def _adjusted(interval: Sequence[float] | None) -> str:
+    if interval is None or math.isnan(interval[0]):
+        return "—"
+    low, high = interval
+    return f"[{low:+.3f}, {high:+.3f}]" + (" †" if low > 0 or high < 0 else "")
+
+
+def _plot(path: Path, comparisons: list[dict], primary: str, level: float, adjusted: float) -> None:
+    """The primary metric's differences, one large panel (880 px wide: readable at README width)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(3.0 * len(metrics), 0.6 + 0.45 * max(len(comparisons), 1)))
-    axes = figure.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    figure = Figure(figsize=(8.0, 1.6 + 0.55 * max(len(comparisons), 1)))
+    ax = figure.subplots()
     labels = [f"{c['variant']} − {c['against']}" for c in comparisons]
-    for ax, metric in zip(axes, metrics, strict=True):
-        for y, c in enumerate(comparisons):
-            estimate, low, high = c[metric]
-            if math.isnan(estimate):
-                continue  # not measured for one of the two
-            colour = "tab:blue" if low > 0 else "tab:red" if high < 0 else "tab:gray"
-            ax.errorbar(estimate, y, xerr=[[estimate - low], [high - estimate]], fmt="o", color=colour, capsize=3)
-        ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_title(METRICS[metric][0], fontsize=9)
-        ax.set_yticks(range(len(labels)), labels)
-        ax.tick_params(axis="x", labelsize=8)
-    figure.suptitle("differences (to the baseline, to the row above), 95% paired bootstrap interval", fontsize=10)
+    for y, c in enumerate(comparisons):
+        estimate, low, high = c[primary]
+        if math.isnan(estimate):
+            continue
+        colour = "tab:blue" if low > 0 else "tab:red" if high < 0 else "tab:gray"
+        wide = c.get(f"{primary}_bonferroni")
+        if wide is not None:
+            ax.hlines(y, *wide, color=colour, linewidth=1.2)
+        ax.errorbar(
+            estimate,
+            y,
+            xerr=[[estimate - low], [high - estimate]],
+            fmt="o",
+            color=colour,
+            capsize=5,
+            elinewidth=3,
+            markersize=8,
+        )
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=12)
+    ax.set_ylim(len(labels) - 0.5 if labels else 0.5, -0.5)
+    ax.tick_params(axis="x", labelsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel(f"difference in {METRICS[primary][0].split(' (')[0]} (variant − reference)", fontsize=12)
+    ax.set_title(
+        f"{METRICS[primary][0].split(' (')[0]}: {_percent(level)} two-level interval (thick; seeds and lesions),"
+        f"\nBonferroni {_percent(adjusted)} (thin); blue/red: the {_percent(level)} interval excludes 0",
+        fontsize=11,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -747,7 +1060,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skinfusion study",
         description=(
             "Train every variant x seed under one budget, score each on a held-out split at the original "
-            "resolution (official ISIC metrics), and compare the variants with paired bootstrap intervals. "
+            "resolution (official ISIC metrics), and compare the variants on balanced accuracy with two-level "
+            "(seeds, then lesions) bootstrap intervals. "
             "Rerun the same command to resume. Arguments after `--` go to every `skinfusion fit`."
         ),
         epilog=(
