@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,7 @@ def test_guard_refuses_flat_calibration(trained, int8, capsys):
     assert "int8 model refused" in message
     assert f"tolerance {TOLERANCE}" in message
     assert "balanced accuracy: int8" in message
+    assert "images whose top-1 class changed, per true class: " in message
     assert out.read_bytes() == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no report, no temporary file
 
@@ -160,9 +162,19 @@ def test_quantize_onnx_refuses_a_flat_calibration_image(trained, tmp_path):
     calibration = [Record(image=tmp_path / "flat.png")]
     Image.new("RGB", (64, 64), MEAN_COLOUR).save(calibration[0].image)
     guard = _val(trained)
-    with pytest.raises(QuantizationError, match=r"balanced accuracy: int8 [0-9.]+ vs fp32 [0-9.]+"):
+    with pytest.raises(QuantizationError, match=r"balanced accuracy: int8 [0-9.]+ vs fp32 [0-9.]+") as info:
         quantize_onnx(trained["fp32"], tmp_path / "model.onnx", calibration, guard, tolerance=float(TOLERANCE))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.png"]
+    # The refusal says, per true class, how many of its guard images changed class: the counts add up to the
+    # images the two models disagree on, and each class's total is its number of guard images.
+    agreement = info.value.result["agreement"]
+    changed = agreement["top1_changed_per_class"]
+    labels = Counter(r.label for r in guard)
+    assert None not in labels  # every guard image of the fixture is labelled
+    assert {c: n for c, (_, n) in changed.items()} == dict(labels)
+    disagreements = sum(k for k, _ in changed.values())
+    assert disagreements == round((1 - agreement["top1_agreement"]) * len(guard)) > 0
+    assert "images whose top-1 class changed, per true class: " in str(info.value)
 
 
 def test_predict_and_evaluate_run_onnx_files(trained, int8, tmp_path):

@@ -284,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, default=0.005, help="largest accepted metric difference int8 - fp32 (default: 0.005)"
     )
     quant.add_argument(
-        "--calibrate-method", choices=("minmax", "entropy", "percentile"), default="minmax", help="(default: minmax)"
+        "--calibrate-method",
+        choices=("minmax", "entropy", "percentile"),
+        default="percentile",
+        help="activation ranges: percentile (99.999th, the default: on a CPU-recipe checkpoint it changed fewer "
+        "classes than minmax), minmax, entropy",
     )
     quant.add_argument(
         "--keep-fp32",
