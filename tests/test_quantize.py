@@ -122,6 +122,23 @@ def test_int8_export_writes_file_record_and_report(trained, int8):
     assert not [p for p in int8.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
+def test_int8_class_output_is_not_quantized(trained, int8):
+    """The class logits leave the int8 file in fp32: quantized to 256 levels, two classes often share the top score,
+    which the ISIC scorer counts as wrong. So the node writing them is not a DequantizeLinear but the network's own,
+    excluded from quantization, and no validation image's top score is tied."""
+    import onnx
+
+    graph = onnx.load(str(int8)).graph
+    writer = {o: n for n in graph.node for o in n.output}["class_logits"]
+    assert writer.op_type != "DequantizeLinear"
+    assert writer.name in OnnxNet(int8).quantization["nodes_excluded"]
+    probabilities = np.stack(
+        [p.probabilities for p in Predictor(OnnxNet(int8), progress=False).predict_records(_val(trained))]
+    )
+    top = np.sort(probabilities, axis=1)
+    assert (top[:, -1] > top[:, -2]).all()
+
+
 def test_int8_outputs_match_fp32(trained, int8):
     """On validation images (measured here: 0.008, 0.23, 0.016, 99.2%): mask probabilities within 0.05 on average
     and 0.5 at worst, class probabilities within 0.1, post-processed masks equal on 97% of the pixels."""
