@@ -124,14 +124,17 @@ def test_int8_export_writes_file_record_and_report(trained, int8):
 
 def test_int8_class_output_is_not_quantized(trained, int8):
     """The class logits leave the int8 file in fp32: quantized to 256 levels, two classes often share the top score,
-    which the ISIC scorer counts as wrong. So the node writing them is not a DequantizeLinear but the network's own,
-    excluded from quantization, and no validation image's top score is tied."""
+    which the ISIC scorer counts as wrong. So neither the node writing them nor its inputs come out of a
+    DequantizeLinear (the class head is excluded from quantization), and no validation image's top score is tied."""
     import onnx
 
     graph = onnx.load(str(int8)).graph
     writer = {o: n for n in graph.node for o in n.output}["class_logits"]
+    producer = {o: n for n in graph.node for o in n.output}
     assert writer.op_type != "DequantizeLinear"
     assert writer.name in OnnxNet(int8).quantization["nodes_excluded"]
+    # nor what it adds: the linear classifier's output is not a dequantized uint8 tensor either
+    assert all(producer[i].op_type != "DequantizeLinear" for i in writer.input if i in producer)
     probabilities = np.stack(
         [p.probabilities for p in Predictor(OnnxNet(int8), progress=False).predict_records(_val(trained))]
     )

@@ -279,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--guard-split", default=None, help="split of the guard's images (default: --split's, less the calibration's)"
     )
-    quant.add_argument("--guard-n", type=int, default=256, help="at most this many guard images (default: 256)")
+    quant.add_argument(
+        "--guard-n",
+        type=int,
+        default=None,
+        help="at most this many guard images (default: all; balanced accuracy on few images of a rare class "
+        "moves by a large step per changed image)",
+    )
     quant.add_argument(
         "--tolerance", type=float, default=0.005, help="largest accepted metric difference int8 - fp32 (default: 0.005)"
     )

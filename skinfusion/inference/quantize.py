@@ -144,7 +144,7 @@ def select_images(
     class_names: Sequence[str],
     split: str | None = "val",
     n: int = 256,
-    guard_n: int = 256,
+    guard_n: int | None = None,
     seed: int = 0,
     guard_split: str | None = None,
 ) -> tuple[list[Record], list[Record], str]:
@@ -155,7 +155,10 @@ def select_images(
         class_names: the model's classes (a label outside them is no ground truth for the guard).
         split: the split to calibrate on (``None`` or ``"all"``: every record).
         n: calibration images (a seeded random draw; all when the split has fewer).
-        guard_n: at most this many guard images: images with a mask or a known label, in a seeded order.
+        guard_n: at most this many guard images (images with a mask or a known label, in a seeded order); default
+            all. Balanced accuracy weighs every class equally, so on few images of a rare class one changed image
+            moves it by a large step: on 256 validation images with 4 AKIEC ones, one changed AKIEC image was
+            0.036, on the split's 881 images with 2 DF ones a changed DF image would be 0.071.
         seed: the draw's seed.
         guard_split: the split the guard's images come from; default ``split``: its images the calibration did
             not draw, or all of them (calibration images included) when fewer than :data:`MIN_GUARD_IMAGES` remain.
@@ -166,7 +169,7 @@ def select_images(
     Raises:
         DataError: a split is empty, or the manifest has no split column, or no image has ground truth for the guard.
     """
-    if n < 1 or guard_n < 1:
+    if n < 1 or (guard_n is not None and guard_n < 1):
         raise ValueError(f"n and guard_n must be positive, got {n} and {guard_n}")
     pool, where = _split(records, split, "--split")
     calibration = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))][:n]
@@ -237,24 +240,45 @@ def runtime_precision(path: str | Path) -> dict[str, Any]:
     }
 
 
-#: Outputs whose writing node always stays in fp32: a class output quantized to uint8 has 256 levels, so two classes
-#: often share the top score, and the ISIC scorer counts a tied maximum as wrong (on the CPU recipe's checkpoint,
-#: 31 of 1,137 test images were tied, 0.006 of balanced accuracy). The node is a (B, K) addition: no measurable cost.
-FP32_OUTPUTS = ("class_logits",)
+#: Outputs whose head always stays in fp32 (the nodes that only these outputs depend on: for ``class_logits`` the
+#: pooling, the linear classifier, the metadata evidence). Quantized, the class scores have 256 levels, two classes
+#: often share the top one, and the ISIC scorer counts a tied maximum as wrong: on the CPU recipe's checkpoint, 31 of
+#: 1,137 test images were tied, 0.006 of balanced accuracy. The head is a few (B, C) operations: no measurable cost.
+FP32_HEADS = ("class_logits",)
+
+
+def _head_nodes(graph: Any, output: str) -> set[str]:
+    """Names of the nodes that ``output`` depends on and no other graph output does."""
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def ancestors(name: str) -> set[str]:
+        seen: set[str] = set()
+        stack = [name]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                stack.extend(node.input)
+        return seen
+
+    others = [ancestors(o.name) for o in graph.output if o.name != output]
+    return ancestors(output).difference(*others)
 
 
 def _boundary_nodes(path: Path, keep_fp32: str) -> list[str]:
-    """Names of the nodes that read the graph's inputs (``first``) and/or write its outputs (``last``; the
-    :data:`FP32_OUTPUTS` always)."""
+    """Names of the nodes that read the graph's inputs (``first``) and/or write its outputs (``last``), and the
+    :data:`FP32_HEADS` always, in graph order."""
     import onnx
 
     graph = onnx.load(str(path)).graph
     inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
-    kept = outputs if "last" in keep_fp32 else outputs & set(FP32_OUTPUTS)
+    heads = set().union(*(_head_nodes(graph, o) for o in FP32_HEADS if o in outputs))
     return [
         node.name
         for node in graph.node
-        if ("first" in keep_fp32 and inputs & set(node.input)) or kept & set(node.output)
+        if ("first" in keep_fp32 and inputs & set(node.input))
+        or ("last" in keep_fp32 and outputs & set(node.output))
+        or node.name in heads
     ]
 
 
@@ -284,8 +308,8 @@ def quantize_int8(
         reduce_range: 7-bit weights (see the module docstring).
         keep_fp32: layers left in fp32 (:data:`KEEP_FP32`). The default, ``first``, keeps the stem convolution,
             which sees the 3 normalised colour channels through one activation scale: on the tiny test network
-            it halves the Dice difference to fp32 for a few percent of the compute. Whatever it says, the node
-            writing the class logits stays in fp32 (:data:`FP32_OUTPUTS`).
+            it halves the Dice difference to fp32 for a few percent of the compute. Whatever it says, the nodes
+            computing the class logits from the pooled features stay in fp32 (:data:`FP32_HEADS`).
         nodes_to_exclude: more node names (of the pre-processed graph) left in fp32.
         batch_size: calibration images per batch (1 for ``entropy`` and ``percentile``, whose histograms need
             batches of one shape).
