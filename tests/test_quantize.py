@@ -27,7 +27,13 @@ from skinfusion.inference.export import export_main, export_onnx
 from skinfusion.inference.inputs import collect_records
 from skinfusion.inference.onnxnet import OnnxNet
 from skinfusion.inference.predictor import Predictor, load_model, predict_main
-from skinfusion.inference.quantize import MIN_GUARD_IMAGES, QuantizationError, quantize_onnx, select_images
+from skinfusion.inference.quantize import (
+    MIN_GUARD_IMAGES,
+    QuantizationError,
+    quantize_int8,
+    quantize_onnx,
+    select_images,
+)
 
 #: Calibrate on 16 training images, guard on the validation split (44 images with masks and labels), tolerance 0.05:
 #: on 44 images one image crossing the thresholded Jaccard's 0.65 step moves it by ~0.015, and one label moves the
@@ -140,6 +146,25 @@ def test_int8_class_output_is_not_quantized(trained, int8):
     )
     top = np.sort(probabilities, axis=1)
     assert (top[:, -1] > top[:, -2]).all()
+
+
+def test_fp32_op_types_leave_every_node_of_that_type_in_fp32(trained, tmp_path):
+    """``fp32_op_types=("Resize",)``: every Resize node is excluded (the decoder has one per stage), the stem is
+    quantized with ``keep_fp32="none"``, and the file still runs and diagnoses like fp32 on most images."""
+    import onnx
+
+    calibration = _val(trained)[:8]
+    info = quantize_int8(trained["fp32"], tmp_path / "m.onnx", calibration, keep_fp32="none", fp32_op_types=["Resize"])
+    resize = [n.name for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Resize"]
+    assert len(resize) >= 4
+    assert set(resize) <= set(info["nodes_excluded"])
+    stem = quantize_int8(trained["fp32"], tmp_path / "s.onnx", calibration)["nodes_excluded"][0]
+    assert stem not in info["nodes_excluded"]
+    records = _val(trained)[:16]
+    a = Predictor(OnnxNet(trained["fp32"]), progress=False).predict_records(records)
+    b = Predictor(OnnxNet(tmp_path / "m.onnx"), progress=False).predict_records(records)
+    agree = np.mean([x.probabilities.argmax() == y.probabilities.argmax() for x, y in zip(a, b, strict=True)])
+    assert agree >= 0.75
 
 
 def test_int8_outputs_match_fp32(trained, int8):

@@ -34,6 +34,7 @@ SETTINGS = {
     "entropy": {"method": "entropy"},
     "outputs-fp32": {"keep_fp32": "first+last"},
     "8bit-weights": {"reduce_range": False},
+    "stem-int8+resize-fp32": {"keep_fp32": "none", "fp32_op_types": ["Resize"]},
 }
 
 

@@ -265,6 +265,15 @@ def _head_nodes(graph: Any, output: str) -> set[str]:
     return ancestors(output).difference(*others)
 
 
+def _nodes_of_types(path: Path, op_types: Sequence[str]) -> list[str]:
+    """Names of the nodes of ``op_types``, in graph order."""
+    import onnx
+
+    if not op_types:
+        return []
+    return [node.name for node in onnx.load(str(path)).graph.node if node.op_type in op_types]
+
+
 def _boundary_nodes(path: Path, keep_fp32: str) -> list[str]:
     """Names of the nodes that read the graph's inputs (``first``) and/or write its outputs (``last``), and the
     :data:`FP32_HEADS` always, in graph order."""
@@ -292,6 +301,7 @@ def quantize_int8(
     reduce_range: bool = True,
     keep_fp32: str = "first",
     nodes_to_exclude: Sequence[str] = (),
+    fp32_op_types: Sequence[str] = (),
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Quantize a skinfusion fp32 ONNX export to int8 (QDQ) with ``calibration`` images; no guard, no atomicity.
@@ -311,6 +321,7 @@ def quantize_int8(
             it halves the Dice difference to fp32 for a few percent of the compute. Whatever it says, the nodes
             computing the class logits from the pooled features stay in fp32 (:data:`FP32_HEADS`).
         nodes_to_exclude: more node names (of the pre-processed graph) left in fp32.
+        fp32_op_types: operator types left in fp32 wherever they are (e.g. ``("Resize",)``).
         batch_size: calibration images per batch (1 for ``entropy`` and ``percentile``, whose histograms need
             batches of one shape).
 
@@ -344,7 +355,7 @@ def quantize_int8(
         except Exception as error:  # an optimisation, not a requirement
             log.warning("quant_pre_process failed (%s): quantizing the export as it is", error)
             source = Path(fp32_path)
-        excluded = [*_boundary_nodes(source, keep_fp32), *nodes_to_exclude]
+        excluded = [*_boundary_nodes(source, keep_fp32), *nodes_to_exclude, *_nodes_of_types(source, fp32_op_types)]
         quantize_static(
             str(source),
             str(out_path),
