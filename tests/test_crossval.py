@@ -104,3 +104,29 @@ def test_crossval_refuses_missing_or_repeated_folds(tmp_path, capsys):
     report = crossval_main(["--truth", str(manifest), "--run", str(f0), str(f1), "--out", str(tmp_path / "o")])
     assert report["metrics"]["with_metadata/balanced_accuracy"]["per_seed"] == [1.0]
     assert "balanced accuracy, with the metadata" in capsys.readouterr().out
+
+
+def test_mask_only_images_are_left_out_of_the_diagnosis_and_counted(tmp_path):
+    """evaluate predicts a diagnosis for a mask-only image (no label in the manifest) with metadata but leaves it out
+    of the image-only pass: the pool scores the labelled images only, says how many it left out, and refuses an
+    image that the manifest does not hold."""
+    manifest = _manifest(tmp_path)
+    save(tmp_path / "ISIC_0000006.png", rgb(8, 8, seed=6))
+    with open(manifest, "a") as f:
+        f.write("ISIC_0000006,ISIC_0000006.png,,F,train,isic_task1\n")
+    right = {0: "MEL", 1: "MEL", 2: "MEL", 3: "NV", 4: "NV", 5: "NV"}
+    folds = [
+        _fold(tmp_path / "f0", 0, {0: "MEL", 1: "MEL", 3: "NV", 6: "NV"}, {0: "MEL", 1: "MEL", 3: "NV"}, {0: 1.0}),
+        _fold(tmp_path / "f1", 1, {i: right[i] for i in (2, 4, 5)}, {2: "NV", 4: "NV", 5: "NV"}, {2: 1.0}),
+    ]
+    report = pool_crossval(manifest, [folds], tmp_path / "out", n_resamples=100)
+    assert report["num_images"] == 6
+    assert report["without_diagnosis"] == 1
+    assert report["metrics"]["with_metadata/balanced_accuracy"]["per_seed"] == pytest.approx([1.0])
+    assert report["metrics"]["image_only/balanced_accuracy"]["per_seed"] == pytest.approx([(2 / 3 + 1) / 2])
+    assert "1 scored images have no diagnosis" in (tmp_path / "out" / "crossval.md").read_text()
+
+    stranger = tmp_path / "g0"
+    _fold(stranger, 0, {0: "MEL", 1: "MEL", 3: "NV", 7: "NV"}, {}, {0: 1.0})
+    with pytest.raises(DataError, match="not in this manifest: \\['ISIC_0000007'\\]"):
+        pool_crossval(manifest, [[stranger, folds[1]]])

@@ -131,7 +131,8 @@ def pool_crossval(
 
     Raises:
         DataError: a folder that is not a fold evaluation, folds missing or repeated, runs scoring different
-            images, or a scored image without a label in ``truth``.
+            images, or a scored image that ``truth`` does not hold. Images without a diagnosis in ``truth``
+            (mask-only) are left out of the diagnosis metrics and counted (``without_diagnosis``).
     """
     if not runs:
         raise ValueError("give at least one run (a list of fold evaluation folders)")
@@ -148,14 +149,23 @@ def pool_crossval(
         raise DataError(Path(runs[0][0]), f"the runs use different fold assignments: {sorted(assignments)}")
     if "with_metadata" not in joined[0]:
         raise DataError(Path(runs[0][0]), "the folds hold no diagnosis predictions (predictions/predictions.csv)")
-    ids = sorted(joined[0]["with_metadata"])
+    unknown = sorted(i for run in joined for way in _WAYS for i in run.get(way, {}) if i not in records)
+    if unknown:
+        raise DataError(Path(truth), f"scored images that are not in this manifest: {unknown[:5]}")
+
+    def labelled(scored: dict[str, Any]) -> list[str]:
+        # A mask-only image (no diagnosis in the manifest, e.g. Task 1's) has a diagnosis prediction but no truth:
+        # evaluate's image-only pass leaves it out, and so does the pooled diagnosis (counted in the report).
+        return sorted(i for i in scored if records[i].label)
+
+    ids = labelled(joined[0]["with_metadata"])
     for run, folders in zip(joined, runs, strict=True):
         for way in _WAYS:
-            if way in run and sorted(run[way]) != ids:
+            if way in run and labelled(run[way]) != ids:
                 raise DataError(Path(folders[0]), f"this run's {way} predictions score other images than the first run")
-    unlabelled = [i for i in ids if i not in records or not records[i].label]
-    if unlabelled:
-        raise DataError(Path(truth), f"scored images without a label here: {unlabelled[:5]}")
+    if not ids:
+        raise DataError(Path(truth), "no scored image has a diagnosis in this manifest")
+    no_diagnosis = len(joined[0]["with_metadata"]) - len(ids)
     truth_idx = np.array([class_names.index(records[i].label) for i in ids])
     lesions = [records[i].group for i in ids]
     k = len(class_names)
@@ -164,6 +174,7 @@ def pool_crossval(
         "folds": assignments.pop()[0],
         "class_names": class_names,
         "num_images": len(ids),
+        "without_diagnosis": no_diagnosis,
         "support": {
             name: {
                 "images": int((truth_idx == c).sum()),
@@ -246,6 +257,14 @@ def crossval_markdown(report: dict[str, Any], confidence_level: float = 0.95) ->
         f"# Cross-validation: {report['folds']} lesion-grouped folds, {report['runs']} training seed(s), "
         f"{report['num_images']} images scored once per seed",
         "",
+        *(
+            [
+                f"({report['without_diagnosis']} scored images have no diagnosis in the manifest: masks only)",
+                "",
+            ]
+            if report.get("without_diagnosis")
+            else []
+        ),
         f"Seed mean [{level} two-level bootstrap interval: seeds, then lesions within their class] (each seed).",
         "",
         "| metric | value |",
