@@ -135,8 +135,8 @@ def test_int8_class_output_is_not_quantized(trained, int8):
     import onnx
 
     graph = onnx.load(str(int8)).graph
-    writer = {o: n for n in graph.node for o in n.output}["class_logits"]
     producer = {o: n for n in graph.node for o in n.output}
+    writer = producer["class_logits"]
     assert writer.op_type != "DequantizeLinear"
     assert writer.name in OnnxNet(int8).quantization["nodes_excluded"]
     # nor what it adds: the linear classifier's output is not a dequantized uint8 tensor either

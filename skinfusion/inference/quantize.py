@@ -265,18 +265,9 @@ def _head_nodes(graph: Any, output: str) -> set[str]:
     return ancestors(output).difference(*others)
 
 
-def _nodes_of_types(path: Path, op_types: Sequence[str]) -> list[str]:
-    """Names of the nodes of ``op_types``, in graph order."""
-    import onnx
-
-    if not op_types:
-        return []
-    return [node.name for node in onnx.load(str(path)).graph.node if node.op_type in op_types]
-
-
-def _boundary_nodes(path: Path, keep_fp32: str) -> list[str]:
-    """Names of the nodes that read the graph's inputs (``first``) and/or write its outputs (``last``), and the
-    :data:`FP32_HEADS` always, in graph order."""
+def _fp32_nodes(path: Path, keep_fp32: str, op_types: Sequence[str] = ()) -> list[str]:
+    """Names of the nodes left in fp32, in graph order: those that read the graph's inputs (``first``) and/or write
+    its outputs (``last``), the nodes of ``op_types``, and the :data:`FP32_HEADS` always."""
     import onnx
 
     graph = onnx.load(str(path)).graph
@@ -287,6 +278,7 @@ def _boundary_nodes(path: Path, keep_fp32: str) -> list[str]:
         for node in graph.node
         if ("first" in keep_fp32 and inputs & set(node.input))
         or ("last" in keep_fp32 and outputs & set(node.output))
+        or node.op_type in op_types
         or node.name in heads
     ]
 
@@ -355,7 +347,7 @@ def quantize_int8(
         except Exception as error:  # an optimisation, not a requirement
             log.warning("quant_pre_process failed (%s): quantizing the export as it is", error)
             source = Path(fp32_path)
-        excluded = [*_boundary_nodes(source, keep_fp32), *nodes_to_exclude, *_nodes_of_types(source, fp32_op_types)]
+        excluded = [*_fp32_nodes(source, keep_fp32, fp32_op_types), *nodes_to_exclude]
         quantize_static(
             str(source),
             str(out_path),
@@ -437,6 +429,11 @@ def _agreement(fp32_dir: Path, int8_dir: Path, records: Sequence[Record], class_
     return agreement
 
 
+def _changed_text(changed: dict[str, list[int]]) -> str:
+    """``{"MEL": [1, 27], ...}`` (changed, guard images) -> ``"MEL 1 of 27, ..."``."""
+    return ", ".join(f"{c} {k} of {n}" for c, (k, n) in changed.items())
+
+
 def accuracy_guard(
     fp32: OnnxNet, int8: OnnxNet, records: Sequence[Record], tolerance: float = 0.005, batch_size: int = 8
 ) -> dict[str, Any]:
@@ -493,10 +490,7 @@ def accuracy_guard(
     if failed:
         changed = agreement.get("top1_changed_per_class", {})
         if changed:
-            failed.append(
-                "images whose top-1 class changed, per true class: "
-                + ", ".join(f"{c} {k} of {n}" for c, (k, n) in changed.items())
-            )
+            failed.append(f"images whose top-1 class changed, per true class: {_changed_text(changed)}")
         error = QuantizationError(f"int8 model refused (accuracy guard on {len(records)} images): " + "; ".join(failed))
         error.result = result
         raise error
@@ -538,8 +532,7 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += ["", ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in agreement.items()), ""]
     if changed:
         lines += [
-            "Images whose top-1 class changed, per true class (changed of guard images): "
-            + ", ".join(f"{c} {k} of {n}" for c, (k, n) in changed.items()),
+            f"Images whose top-1 class changed, per true class (changed of guard images): {_changed_text(changed)}",
             "",
         ]
     lines += [
