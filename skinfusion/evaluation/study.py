@@ -68,16 +68,20 @@ __all__ = [
 ]
 
 #: The study's columns: key -> (title, kind). ``cls`` metrics come from the argmax of the class
-#: probabilities; ``seg`` metrics are per-image means over the images with a mask.
+#: probabilities (``*_image_only``: predicted with the metadata withheld, where the networks read any);
+#: ``seg`` metrics are per-image means over the images with a mask.
 METRICS: dict[str, tuple[str, str]] = {
     "accuracy": ("accuracy", "cls"),
     "precision": ("precision (macro)", "cls"),
     "balanced_accuracy": ("balanced accuracy (= macro recall)", "cls"),
     "f1": ("F1 (macro)", "cls"),
     "auc": ("AUC (macro)", "cls"),
+    "balanced_accuracy_image_only": ("balanced accuracy, images alone (age, sex, site withheld)", "cls"),
     "threshold_jaccard": ("thresholded Jaccard", "seg"),
     "dice": ("Dice", "seg"),
 }
+
+_BLIND = "_image_only"
 
 #: The primary metric: the study's comparisons are judged on it (ISIC 2018 Task 3 ranks by it); the others describe.
 PRIMARY = "balanced_accuracy"
@@ -346,7 +350,7 @@ def _steps_of(checkpoint: Path | None) -> int | None:
 def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: Path, device: str) -> dict[str, Any]:
     """Score a checkpoint on the split's records, with the run's label map, at the original resolution."""
     from skinfusion.data.datamodule import SkinFusionDataModule
-    from skinfusion.evaluation.report import evaluate
+    from skinfusion.evaluation.report import IMAGE_ONLY_DIR, evaluate
     from skinfusion.inference.inputs import collect_records
     from skinfusion.inference.predictor import Predictor
 
@@ -369,7 +373,7 @@ def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: P
         with open(seg_path, newline="") as f:
             rows = list(csv.DictReader(f))
         for name in ("threshold_jaccard", "dice"):
-            per_image[name] = {row["id"]: float(row[name]) for row in rows}
+            per_image[name] = {row["id"]: round(float(row[name]), 6) for row in rows}
     csv_path = out_dir / "predictions" / "predictions.csv"
     labelled = [r for r in records if r.label is not None]
     if labelled and csv_path.is_file():
@@ -377,8 +381,18 @@ def _evaluate_run(checkpoint: Path, data: dict[str, Any], split: str, out_dir: P
             probs = {row["image"]: [float(row[c]) for c in class_names] for row in csv.DictReader(f)}
         per_image["class_names"] = class_names
         per_image["label"] = {r.id: class_names.index(r.label) for r in labelled}
-        per_image["probabilities"] = {r.id: probs[r.id] for r in labelled}
+        per_image["probabilities"] = {r.id: _rounded(probs[r.id]) for r in labelled}
+        blind_path = out_dir / IMAGE_ONLY_DIR / "predictions.csv"
+        if blind_path.is_file():  # absent: the network reads no metadata, or no image has any (the same both ways)
+            with open(blind_path, newline="") as f:
+                blind = {row["image"]: [float(row[c]) for c in class_names] for row in csv.DictReader(f)}
+            per_image["probabilities_image_only"] = {r.id: _rounded(blind[r.id]) for r in labelled}
     return {"isic": metrics, "per_image": per_image}
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    """Six decimals: float32 precision, and result.json stays small enough to commit (about 0.5 MB a run)."""
+    return [round(float(x), 6) for x in values]
 
 
 def _atomic_json(path: Path, value: Any) -> None:
@@ -414,9 +428,10 @@ def _study_spec(
     seeds: Sequence[int],
     split: str,
     overrides: Sequence[str],
+    cv: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """What defines a study (``spec.json``, compared on resume): configs as paths and hashes, variants, seeds..."""
-    return {
+    return ({"cv": cv} if cv else {}) | {
         "name": name,
         "base_configs": [[_project_path(c), _sha1(c)] for c in base_configs],
         "variants": [
@@ -438,8 +453,8 @@ def _spec_differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between the stored study definition and this command's, in words (empty: the same study)."""
     differences = [
         f"{key}: {then.get(key)} when it started, {now[key]} now"
-        for key in ("name", "seeds", "split", "overrides")
-        if then.get(key) != now[key]
+        for key in ("name", "seeds", "split", "cv", "overrides")
+        if then.get(key) != now.get(key)
     ]
 
     def changed(path: str, old: str | None, new: str) -> str:
@@ -504,13 +519,25 @@ def run_study(
     n_resamples: int = 2000,
     jobs: int = 1,
     progress: bool = True,
+    cv_folds: int = 0,
+    cv_seed: int = 0,
+    work: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a study and write its summary; see the module docstring.
 
     Args:
-        out: the study's folder (``runs/`` and the summary files go here).
+        out: the study's folder (``runs/<run>/result.json`` and the summary files go here).
         variants: :class:`Variant` s or specs for :func:`parse_variant`; the first is the baseline.
-        split: the held-out split scored (``val`` to tune without touching the test split).
+        split: the held-out split scored (``val`` to tune without touching the test split); ignored with
+            ``cv_folds``.
+        cv_folds: score by lesion-grouped cross-validation instead (``data.cv_folds``, seeded by ``cv_seed``): every
+            variant x seed trains ``cv_folds`` runs, run ``k`` on the other folds of the train+val pool, scored on
+            fold ``k`` with its last checkpoint (validated once, at the end: the fold it would pick by is the one
+            scored), so every lesion is scored once per seed and no run sees the test split. Runs go seed by
+            seed, so an interrupted study has complete seeds first.
+        work: where the runs train (checkpoints, logs, ``evaluate`` reports; default ``out/runs``); ``out`` then
+            holds only the small per-run ``result.json`` (per-image predictions) and the summary, which can be
+            committed: a rerun finds those runs finished and trains nothing.
         max_steps: optimiser steps per run (validated 4 times where max_steps allows, always at the last step);
             ``max_time``: wall-clock limit per run (``DD:HH:MM:SS``); both apply.
         overrides: LightningCLI arguments added to every run (``--data.manifest=...``).
@@ -536,6 +563,8 @@ def run_study(
         raise StudyError(f"jobs must be >= 1, got {jobs}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds must be distinct and non-empty, got {list(seeds)}")
+    if cv_folds == 1 or cv_folds < 0:
+        raise StudyError(f"cv_folds must be 0 (off) or >= 2, got {cv_folds}")
     base_configs = [str(Path(c).resolve()) for c in base_configs]
     for config in base_configs:
         if not Path(config).is_file():
@@ -543,10 +572,13 @@ def run_study(
     budget = [f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1"] if max_steps else []
     if max_steps:  # validate on global steps that end on max_steps, else a run stopping mid-epoch skips its end
         every = next((max_steps // n for n in (4, 5, 3, 6, 2) if max_steps % n == 0), max_steps)
+        every = max_steps if cv_folds else every  # cross-validation scores the last step: validate there only
         budget += ["--trainer.check_val_every_n_epoch=null", f"--trainer.val_check_interval={every}"]
     budget += [f"--trainer.max_time={max_time}"] if max_time else []
     overrides = [*budget, *overrides]
-    spec = _study_spec(name, base_configs, variants, seeds, split, overrides)
+    split = "cv" if cv_folds else split
+    cv = {"folds": cv_folds, "seed": cv_seed} if cv_folds else None
+    spec = _study_spec(name, base_configs, variants, seeds, split, overrides, cv)
     code = _code_version()
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
@@ -558,39 +590,53 @@ def run_study(
     if stored is None:
         _atomic_json(spec_path, {**spec, "code": code})
 
-    runs = [(variant, seed) for variant in variants for seed in seeds]
-    todo = [
-        (n, v, s)
-        for n, (v, s) in enumerate(runs, 1)
-        if not (out / "runs" / f"{v.name}-seed{s}" / "result.json").is_file()
-    ]
+    if cv_folds:  # seed by seed: an interrupted study has its first seeds complete
+        runs = [(v, s, k) for s in seeds for v in variants for k in range(cv_folds)]
+    else:
+        runs = [(v, s, None) for v in variants for s in seeds]
+    work = Path(work).resolve() if work is not None else out / "runs"
+    todo = [(n, *run) for n, run in enumerate(runs, 1) if not _result_path(out, *run).is_file()]
     started, lock = time.monotonic(), threading.Lock()
     durations: list[float] = []
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
 
-    def one(number: int, variant: Variant, seed: int) -> None:
-        run_dir = out / "runs" / f"{variant.name}-seed{seed}"
+    def one(number: int, variant: Variant, seed: int, fold: int | None) -> None:
+        run_dir = work / _run_name(variant.name, seed, fold)
         if progress:
             with lock:
                 left = len(todo) - len(durations)
                 eta = f", about {_format_seconds(np.mean(durations) * left / jobs)} left" if durations else ""
-                print(f"study {name}: run {number}/{len(runs)} ({variant.name}, seed {seed}){eta}", file=sys.stderr)
+                which = f"{variant.name}, seed {seed}" + (f", fold {fold}" if fold is not None else "")
+                print(f"study {name}: run {number}/{len(runs)} ({which}){eta}", file=sys.stderr)
         run_started = time.monotonic()
-        _train(_fit_command(base_configs, variant, overrides, seed), run_dir, resolved[variant.name], name, threads)
-        checkpoint = _pick_checkpoint(run_dir)
+        command = _fit_command(base_configs, variant, overrides, seed)
+        data = resolved[variant.name]["data"]
+        if fold is not None:
+            folds = {"cv_folds": cv_folds, "cv_fold": fold, "cv_seed": cv_seed}
+            command += [f"--data.{key}={value}" for key, value in folds.items()]
+            data = {**data, **folds}
+        _train(command, run_dir, resolved[variant.name], name, threads)
+        checkpoint = _pick_checkpoint(run_dir) if fold is None else _last_checkpoint(run_dir)
+        if checkpoint is None:
+            raise StudyError("the run wrote no checkpoint", run_dir)
         with lock:  # one evaluation at a time, with all the threads
-            evaluation = _evaluate_run(checkpoint, resolved[variant.name]["data"], split, run_dir / "eval", device)
+            evaluation = _evaluate_run(checkpoint, data, "val" if fold is not None else split, run_dir / "eval", device)
         result = {
             "variant": variant.name,
             "seed": seed,
-            "checkpoint": str(checkpoint.relative_to(out)),
+            **({"fold": fold} if fold is not None else {}),
+            "checkpoint": _relative(checkpoint, out),
             "checkpoint_step": _steps_of(checkpoint),
             "steps": _steps_of(_last_checkpoint(run_dir)),
             "fit_seconds": float((run_dir / "fit_seconds").read_text()),
             "code": code,
             **evaluation,
         }
-        _atomic_json(run_dir / "result.json", result)
+        result_path = _result_path(out, variant, seed, fold)
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        from skinfusion.io import atomic_write
+
+        atomic_write(result_path, json.dumps(result, separators=(",", ":"), allow_nan=True) + "\n")
         with lock:
             durations.append(time.monotonic() - run_started)
 
@@ -604,6 +650,22 @@ def run_study(
     summary = summarize_study(out, n_resamples=n_resamples)
     _log_to_wandb(summary, out, resolved[variants[0].name])
     return summary
+
+
+def _run_name(variant: str, seed: int, fold: int | None = None) -> str:
+    return f"{variant}-seed{seed}" + (f"-fold{fold}" if fold is not None else "")
+
+
+def _result_path(out: Path, variant: Variant, seed: int, fold: int | None) -> Path:
+    return out / "runs" / _run_name(variant.name, seed, fold) / "result.json"
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` when inside it, else absolute."""
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
 
 
 def _check_resume(out: Path, stored: dict[str, Any], spec: dict[str, Any], code: dict[str, Any] | None) -> None:
@@ -653,14 +715,51 @@ def _train(command: list[str], run_dir: Path, config: dict[str, Any], study: str
 def _load_results(out: Path) -> tuple[dict[str, Any], list[str], list[int], dict[tuple[str, int], dict]]:
     spec = json.loads((out / "spec.json").read_text())
     names = [v["name"] for v in spec["variants"]]
+    folds = (spec.get("cv") or {}).get("folds") or 0
     results = {}
     for name in names:
         for seed in spec["seeds"]:
-            path = out / "runs" / f"{name}-seed{seed}" / "result.json"
-            if not path.is_file():
-                raise StudyError(f"run {name}, seed {seed} has not finished; rerun the study command", path)
-            results[name, seed] = json.loads(path.read_text())
+            runs = []
+            for fold in range(folds) if folds else [None]:
+                path = out / "runs" / _run_name(name, seed, fold) / "result.json"
+                if not path.is_file():
+                    which = f"run {name}, seed {seed}" + (f", fold {fold}" if fold is not None else "")
+                    raise StudyError(f"{which} has not finished; rerun the study command", path)
+                runs.append(json.loads(path.read_text()))
+            results[name, seed] = _join_folds(runs, out / "runs" / _run_name(name, seed)) if folds else runs[0]
     return spec, names, spec["seeds"], results
+
+
+_PER_IMAGE = ("group", "label", "probabilities", "probabilities_image_only", "threshold_jaccard", "dice")
+
+
+def _join_folds(runs: list[dict[str, Any]], where: Path) -> dict[str, Any]:
+    """One result of a variant x seed from its cross-validation folds' results: each fold's images, once.
+
+    Raises:
+        StudyError: an image scored by two folds (the runs are not the folds of one assignment).
+    """
+    ids = [i for run in runs for i in run["per_image"]["ids"]]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise StudyError(f"images scored by two folds, e.g. {twice}: the runs are not the folds of one split", where)
+    per_image: dict[str, Any] = {"ids": ids}
+    blind = any("probabilities_image_only" in run["per_image"] for run in runs)
+    for run in runs:
+        one = run["per_image"]
+        if "probabilities" in one:
+            per_image["class_names"] = one["class_names"]
+            if blind:  # the same both ways in a fold whose evaluation wrote no image-only pass
+                one = {"probabilities_image_only": one["probabilities"], **one}
+        for key in _PER_IMAGE:
+            if key in one:
+                per_image.setdefault(key, {}).update(one[key])
+    return {
+        "steps": float(np.mean([run["steps"] or run["checkpoint_step"] for run in runs])),
+        "checkpoint_step": float(np.mean([run["checkpoint_step"] for run in runs])),
+        "fit_seconds": float(np.mean([run["fit_seconds"] for run in runs])),  # per run, like the other mode
+        "per_image": per_image,
+    }
 
 
 def _arrays(results: dict, names: list[str], seeds: list[int]) -> dict[str, Any]:
@@ -677,9 +776,20 @@ def _arrays(results: dict, names: list[str], seeds: list[int]) -> dict[str, Any]
         arrays["class_names"] = first["class_names"]
         arrays["label"] = np.array([first["label"][i] for i in ids])
         arrays["groups"] = [lesions.get(i, i) for i in ids]
-        arrays["probabilities"] = np.array(
-            [[[results[n, s]["per_image"]["probabilities"][i] for i in ids] for s in seeds] for n in names]
-        )
+        for key in ("probabilities", "probabilities_image_only"):  # image only: the same where not recorded
+            arrays[key] = np.array(
+                [
+                    [
+                        [
+                            results[n, s]["per_image"].get(key, results[n, s]["per_image"]["probabilities"])[i]
+                            for i in ids
+                        ]
+                        for s in seeds
+                    ]
+                    for n in names
+                ]
+            )
+        arrays["image_only_recorded"] = any("probabilities_image_only" in r["per_image"] for r in results.values())
     # Variants without a decoder (the paper's baseline and attention) have no segmentation scores: NaN rows.
     segmenting = [n for n in names if "threshold_jaccard" in results[n, seeds[0]]["per_image"]]
     if segmenting:
@@ -741,12 +851,28 @@ def summarize_study(out: str | Path, n_resamples: int = 2000, confidence_level: 
     out = Path(out)
     spec, names, seeds, results = _load_results(out)
     arrays = _arrays(results, names, seeds)
-    metrics = [m for m, (_, kind) in METRICS.items() if (kind == "cls" and "label" in arrays) or m in arrays]
+    blind = arrays.get("image_only_recorded", False)
+    metrics = [
+        m
+        for m, (_, kind) in METRICS.items()
+        if (kind == "cls" and "label" in arrays and (blind or not m.endswith(_BLIND))) or m in arrays
+    ]
     cls, seg = [m for m in metrics if METRICS[m][1] == "cls"], [m for m in metrics if METRICS[m][1] == "seg"]
     primary = PRIMARY if PRIMARY in metrics else metrics[0]
     n_images = {m: arrays[m].shape[2] if m in seg else len(arrays["label"]) for m in metrics}
-    scorers = [[_classification_scorer(arrays["label"], p) for p in runs] for runs in arrays.get("probabilities", [])]
-    per_seed = {m: np.array([[scorers[v][s]()[m] for s in range(len(seeds))] for v in range(len(names))]) for m in cls}
+    scorers = {
+        way: [[_classification_scorer(arrays["label"], p) for p in runs] for runs in arrays.get(key, [])]
+        for way, key in (("", "probabilities"), (_BLIND, "probabilities_image_only"))
+    }
+
+    def cls_scores(v: int, run: int, weights: np.ndarray | None = None) -> dict[str, float]:
+        """Run ``run`` of variant ``v``: every classification metric, both ways (``*_image_only``)."""
+        scores = scorers[""][v][run](weights)
+        if blind:
+            scores |= {f"{k}{_BLIND}": x for k, x in scorers[_BLIND][v][run](weights).items()}
+        return scores
+
+    per_seed = {m: np.array([[cls_scores(v, s)[m] for s in range(len(seeds))] for v in range(len(names))]) for m in cls}
     per_seed |= {m: arrays[m].mean(axis=2) for m in seg}  # (variants, seeds); NaN: the variant does not segment
     rows = []
     for v, name in enumerate(names):
@@ -761,6 +887,18 @@ def summarize_study(out: str | Path, n_resamples: int = 2000, confidence_level: 
         if "label" in arrays:
             tables = [per_class_table(arrays["label"], p, arrays["class_names"]) for p in arrays["probabilities"][v]]
             row["per_class"] = {c: {k: nanmean([t[c][k] for t in tables]) for k in tables[0][c]} for c in tables[0]}
+            if blind:
+                tables = [
+                    per_class_table(arrays["label"], p, arrays["class_names"])
+                    for p in arrays["probabilities_image_only"][v]
+                ]
+                for c, entry in row["per_class"].items():
+                    entry["recall_image_only"] = nanmean([t[c]["recall"] for t in tables])
+            lesions_of = {}
+            for group, label in zip(arrays["groups"], arrays["label"], strict=True):
+                lesions_of.setdefault(int(label), set()).add(group)
+            for c, class_name in enumerate(arrays["class_names"]):
+                row["per_class"][class_name]["lesions"] = len(lesions_of.get(c, ()))
         rows.append(row)
 
     pairs = _comparison_pairs(len(names))
@@ -774,7 +912,7 @@ def summarize_study(out: str | Path, n_resamples: int = 2000, confidence_level: 
         n = len(arrays["label"])
 
         def classification(v: int, run: int, items: np.ndarray) -> np.ndarray:
-            scores = scorers[v][run](np.bincount(items, minlength=n))
+            scores = cls_scores(v, run, np.bincount(items, minlength=n))
             return np.array([scores[m] for m in cls])
 
         blocks.append((cls, list(range(len(names))), classification, arrays["groups"], arrays["label"]))
@@ -881,12 +1019,21 @@ def _markdown(summary: dict[str, Any]) -> str:
         else " (no lesion ids recorded: each image counted as its own lesion)"
     )
     title = METRICS[primary][0]
+    cv = spec.get("cv")
+    scored = (
+        f"scored by lesion-grouped {cv['folds']}-fold cross-validation of the train+val pool (fold seed"
+        f" {cv['seed']}: each variant x seed is {cv['folds']} runs, run k trained on the other folds and scored on"
+        " fold k with its last checkpoint, so every lesion is scored once per seed by a network that never saw it;"
+        " the test split is not used)"
+        if cv
+        else f"scored on the `{spec['split']}` split"
+    )
     lines = [
         f"# Study `{spec['name']}`",
         "",
-        f"{len(rows)} variants x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), scored on the "
-        f"`{spec['split']}` split at the original resolution: {n_cls} labelled images{lesions if n_cls else ''} "
-        f"(diagnosis), {n_seg} images with a mask (segmentation).",
+        f"{len(rows)} variants x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {scored} at the original"
+        f" resolution: {n_cls} labelled images{lesions if n_cls else ''} (diagnosis), {n_seg} images with a mask"
+        " (segmentation).",
         "",
         f"## Primary metric: {title}",
         "",
@@ -951,21 +1098,32 @@ def _markdown(summary: dict[str, Any]) -> str:
         ]
     if "per_class" in rows[0]:
         lines += ["## Per class (argmax predictions, mean over seeds)", ""]
+        blind = any("recall_image_only" in t for t in rows[0]["per_class"].values())
+        keys = ("accuracy", "precision", "recall", *(("recall_image_only",) if blind else ()), "f1")
         for row in rows:
             lines += [
                 f"**{row['variant']}**",
                 "",
-                "| class | support | accuracy | precision | recall | F1 |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |",
+                md_row(
+                    "class",
+                    "images",
+                    "lesions",
+                    "accuracy",
+                    "precision",
+                    "recall",
+                    *(("recall, images alone",) if blind else ()),
+                    "F1",
+                ),
+                md_row("---", *["---:"] * (len(keys) + 2)),
             ]
             for c, t in row["per_class"].items():
-                cells = [
-                    "n/a" if math.isnan(t[k]) else f"{t[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1")
-                ]
-                lines.append(md_row(c, f"{t['support']:.0f}", *cells))
+                cells = ["n/a" if math.isnan(t[k]) else f"{t[k]:.3f}" for k in keys]
+                lines.append(md_row(c, f"{t['support']:.0f}", t.get("lesions", "—"), *cells))
             lines.append("")
+    run_name = "<variant>-seed<seed>" + ("-fold<k>" if cv else "")
     lines += [
-        "Commands, configs and seeds: `spec.json`; every run's report: `runs/<variant>-seed<seed>/eval/`.",
+        f"Commands, configs and seeds: `spec.json`; every run's per-image predictions: `runs/{run_name}/result.json`"
+        " (its checkpoints, `fit.log` and `evaluate` report where it trained: `runs/` or the study's `--work`).",
         "",
     ]
     return "\n".join(lines)
@@ -1082,6 +1240,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seed_everything values (default: 0)")
     parser.add_argument("--out", required=True, type=Path, help="the study's folder")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split scored")
+    parser.add_argument(
+        "--cv-folds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="score by lesion-grouped K-fold cross-validation of the train+val pool instead of --split: K runs per"
+        " variant x seed, every lesion scored once per seed (enough rare-class lesions; default: off)",
+    )
+    parser.add_argument("--cv-seed", type=int, default=0, help="seed of the folds (data.cv_seed; default: 0)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="where the runs train (checkpoints, logs, reports; default: OUT/runs); OUT then keeps only the"
+        " per-run result.json and the summary: small enough to commit, and a rerun finds those runs finished",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="optimiser steps per run (equal for all)")
     parser.add_argument("--max-time", default=None, help="wall-clock limit per run, DD:HH:MM:SS")
     parser.add_argument("--device", default="auto", help="evaluation device (default: auto)")
@@ -1096,7 +1270,12 @@ def study_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    if args["cv_folds"] and "--split" in argv:
+        parser.error("give --split or --cv-folds, not both")
+    if args["cv_folds"] < 0 or args["cv_folds"] == 1:
+        parser.error(f"--cv-folds must be >= 2 (or 0: off), got {args['cv_folds']}")
     out, configs, variants = args.pop("out"), args.pop("config"), args.pop("variant")
     summary = run_study(out, configs, variants, overrides=overrides, n_resamples=args.pop("resamples"), **args)
     print((out / "study.md").read_text())
