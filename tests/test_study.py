@@ -219,6 +219,110 @@ def test_a_difference_beyond_the_seed_spread_is_marked_and_the_comparisons_are_c
     assert height < width
 
 
+def _cv_study(out, probabilities, blind, truth, folds, names, groups):
+    """A finished cross-validated study: runs/<variant>-seed<s>-fold<k>/result.json, fold k holding the images
+    with ``folds == k``; ``blind`` (V,S,N,K): the image-only probabilities (None: the run recorded none)."""
+    n_variants, n_seeds, n, k = probabilities.shape
+    ids = np.array([f"ISIC_{i:07d}" for i in range(n)])
+    variants = [{"name": name, "config": None, "config_sha1": None, "overrides": []} for name in names]
+    spec = {"name": "cv", "base_configs": [], "variants": variants, "seeds": list(range(n_seeds)), "split": "cv"}
+    out.mkdir()
+    (out / "spec.json").write_text(json.dumps({**spec, "cv": {"folds": int(folds.max()) + 1, "seed": 0}}))
+    for v, name in enumerate(names):
+        for s in range(n_seeds):
+            for fold in range(int(folds.max()) + 1):
+                at = np.flatnonzero(folds == fold)
+                per_image = {
+                    "ids": ids[at].tolist(),
+                    "group": {ids[i]: f"lesion{groups[i]}" for i in at},
+                    "class_names": [f"C{c}" for c in range(k)],
+                    "label": {ids[i]: int(truth[i]) for i in at},
+                    "probabilities": {ids[i]: probabilities[v, s, i].tolist() for i in at},
+                }
+                if blind is not None:
+                    per_image["probabilities_image_only"] = {ids[i]: blind[v, s, i].tolist() for i in at}
+                run = out / "runs" / f"{name}-seed{s}-fold{fold}"
+                run.mkdir(parents=True)
+                result = {"steps": 10, "checkpoint_step": 10, "fit_seconds": 60.0, "per_image": per_image}
+                (run / "result.json").write_text(json.dumps(result))
+
+
+def _balanced_accuracy(truth, probabilities):
+    predicted = probabilities.argmax(-1)
+    return np.mean([np.mean(predicted[truth == c] == c) for c in np.unique(truth)])
+
+
+def test_cross_validated_study_joins_the_folds_and_scores_both_ways(tmp_path):
+    """Three folds of 3 classes: every image counted once, the image-only balanced accuracy computed from the
+    image-only predictions (hand-computed here from the arrays), each class's images and lesions counted."""
+    rng = np.random.default_rng(3)
+    n, k = 300, 3
+    truth = np.arange(n) % k
+    groups = np.arange(n) // 2  # two images a lesion, both in one fold
+    folds = groups % 3
+    probabilities = np.stack([_run_probabilities(a, truth, k, rng) for a in ([0.6, 0.65], [0.8, 0.85])])
+    blind = np.stack([_run_probabilities(a, truth, k, rng) for a in ([0.4, 0.45], [0.5, 0.55])])
+    _cv_study(tmp_path / "cv", probabilities, blind, truth, folds, ["a", "b"], groups)
+
+    summary = summarize_study(tmp_path / "cv", n_resamples=200)
+    a, b = summary["rows"]
+    assert a["balanced_accuracy_n"] == n
+    assert summary["lesions"] == n // 2
+    for row, v in ((a, 0), (b, 1)):
+        assert row["balanced_accuracy_seeds"] == pytest.approx([_balanced_accuracy(truth, p) for p in probabilities[v]])
+        assert row["balanced_accuracy_image_only_seeds"] == pytest.approx(
+            [_balanced_accuracy(truth, p) for p in blind[v]]
+        )
+        assert row["per_class"]["C1"]["support"] == n // k
+        assert row["per_class"]["C1"]["lesions"] == len(set(groups[truth == 1]))
+    recall = np.mean([np.mean(p.argmax(-1)[truth == 2] == 2) for p in blind[1]])
+    assert b["per_class"]["C2"]["recall_image_only"] == pytest.approx(recall)
+    md = (tmp_path / "cv" / "study.md").read_text()
+    assert "3-fold cross-validation" in md
+    assert "the test split is not used" in md
+    assert "recall, images alone" in md
+    assert "balanced accuracy, images alone" in md
+
+
+def test_cross_validated_study_without_image_only_predictions_has_no_image_only_column(tmp_path):
+    rng = np.random.default_rng(4)
+    n, k = 60, 2
+    truth, groups = np.arange(n) % k, np.arange(n)
+    probabilities = np.stack([_run_probabilities([0.7, 0.75], truth, k, rng)] * 2)
+    _cv_study(tmp_path / "cv", probabilities, None, truth, groups % 2, ["a", "b"], groups)
+    summary = summarize_study(tmp_path / "cv", n_resamples=50)
+    assert "balanced_accuracy_image_only" not in summary["metrics"]
+    assert "images alone" not in (tmp_path / "cv" / "study.md").read_text()
+
+
+def test_folds_that_score_an_image_twice_are_refused(tmp_path):
+    rng = np.random.default_rng(5)
+    n, k = 40, 2
+    truth, groups = np.arange(n) % k, np.arange(n)
+    probabilities = np.stack([_run_probabilities([0.7], truth, k, rng)])
+    _cv_study(tmp_path / "cv", probabilities, None, truth, groups % 2, ["a"], groups)
+    fold0 = tmp_path / "cv" / "runs" / "a-seed0-fold0" / "result.json"
+    fold1 = json.loads((tmp_path / "cv" / "runs" / "a-seed0-fold1" / "result.json").read_text())
+    result = json.loads(fold0.read_text())
+    stray = fold1["per_image"]["ids"][0]
+    result["per_image"]["ids"].append(stray)
+    fold0.write_text(json.dumps(result))
+    with pytest.raises(StudyError, match=f"scored by two folds.*{stray}"):
+        summarize_study(tmp_path / "cv", n_resamples=50)
+
+
+def test_an_unfinished_fold_is_named(tmp_path):
+    rng = np.random.default_rng(6)
+    n, k = 40, 2
+    truth, groups = np.arange(n) % k, np.arange(n)
+    _cv_study(
+        tmp_path / "cv", np.stack([_run_probabilities([0.7], truth, k, rng)]), None, truth, groups % 2, ["a"], groups
+    )
+    (tmp_path / "cv" / "runs" / "a-seed0-fold1" / "result.json").unlink()
+    with pytest.raises(StudyError, match="run a, seed 0, fold 1 has not finished"):
+        summarize_study(tmp_path / "cv", n_resamples=50)
+
+
 # ---------------------------------------------------------------- the study's definition (spec.json) and resuming
 
 
@@ -255,6 +359,19 @@ def test_resuming_with_a_changed_config_is_refused_and_names_the_config(tmp_path
     assert "experiments/base.yaml has changed" in message
     assert "variant 'full': experiments/full.yaml has changed" in message
     assert "seeds" not in message  # only what differs is named
+
+
+def test_resuming_with_other_folds_is_refused(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    base = tmp_path / "experiments" / "base.yaml"
+    base.write_text("trainer: {}\n")
+    variant = parse_variant(str(base))
+    spec = _study_spec("s", [str(base)], [variant], [0], "cv", [], {"folds": 3, "seed": 0})
+    stored = json.loads(json.dumps(spec))
+    _check_resume(tmp_path, stored, spec, None)  # the same folds: resumes
+    other = _study_spec("s", [str(base)], [variant], [0], "cv", [], {"folds": 5, "seed": 0})
+    with pytest.raises(StudyError, match="cv: .*'folds': 3.* when it started, .*'folds': 5"):
+        _check_resume(tmp_path, stored, other, None)
 
 
 def test_committed_study_spec_names_configs_inside_the_project(repo_root):
@@ -422,3 +539,60 @@ def test_a_bad_variant_fails_before_any_training(tmp_path, repo_root, capsys):
     assert exit_info.value.code == 2
     assert re.search(r"'typo'.*does not parse", capsys.readouterr().err)
     assert not (tmp_path / "study" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_cross_validated_study_end_to_end_keeps_only_results_in_out_and_a_rerun_trains_nothing(tmp_path, repo_root):
+    """--cv-folds 2 --work W: each variant x seed is 2 runs that together score every train+val image once, by
+    the last checkpoint, validated only at the last step; OUT holds result.json files and the summary, W the
+    checkpoints; rerun with W gone, the study finds every run finished, trains nothing and writes the same table."""
+    configs = _configs(tmp_path, repo_root)
+    out, work = tmp_path / "study", tmp_path / "work"
+    args = [
+        "study",
+        *[arg for config in configs for arg in ("--config", config)],
+        "--variant",
+        "plain:model.net.init_args.attention=null,model.net.init_args.decoder=false,model.net.init_args.fusion=none",
+        "--variant",
+        "cbam:model.net.init_args.attention=cbam",
+        "--max-steps",
+        "2",
+        "--cv-folds",
+        "2",
+        "--resamples",
+        "100",
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+    ]
+    main([*args, "--jobs", "2"])
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        f"{v}-seed0-fold{k}" for v in ("cbam", "plain") for k in (0, 1)
+    ]
+    assert [p.name for p in (out / "runs").rglob("*") if p.is_file()] == ["result.json"] * 4
+    assert not list(out.rglob("*.ckpt"))
+    assert list(work.rglob("*.ckpt"))
+    from skinfusion.data.datamodule import SkinFusionDataModule
+
+    data = SkinFusionDataModule(synthetic_samples=48, synthetic_size=48, image_size=32)
+    pool = {r.id for r in data.records("train") + data.records("val") if r.label is not None}
+    for variant in ("plain", "cbam"):
+        results = [json.loads((out / "runs" / f"{variant}-seed0-fold{k}" / "result.json").read_text()) for k in (0, 1)]
+        scored = [set(r["per_image"]["label"]) for r in results]
+        assert not scored[0] & scored[1]
+        assert scored[0] | scored[1] == pool  # every labelled train+val image once, no test image
+        assert all(r["checkpoint"].endswith("last.ckpt") for r in results)
+    with open(work / "cbam-seed0-fold0" / "metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f) if r["val/loss"]] == ["1"]  # the last step only
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["rows"][0]["balanced_accuracy_n"] == len(pool)
+    assert "balanced_accuracy_image_only" in summary["metrics"]
+    table = (out / "study.md").read_text()
+
+    import shutil
+
+    shutil.rmtree(work)  # what a fresh checkout has: the committed results, no checkpoints
+    main(args)
+    assert not work.exists()  # nothing trained
+    assert (out / "study.md").read_text() == table
