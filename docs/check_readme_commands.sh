@@ -55,7 +55,7 @@ skinfusion export --ckpt $CKPT --format hf --out hf --metrics report/metrics.jso
 python $REPO/benchmarks/study_real_data.py --ckpt $CKPT --manifest isic2018-cache/manifest.csv --split val > /dev/null && ok study_real_data
 skinfusion study --config experiments/base.yaml --config experiments/paper/paper.yaml --config experiments/paper/cpu.yaml \
   --variant experiments/paper/baseline.yaml --variant experiments/paper/full.yaml \
-  --seeds 0 --max-steps 2 --jobs 2 --out study -- \
-  --data.manifest isic2018-cache/manifest.csv --data.image_size 64 --trainer.max_time null && ok study
+  --seeds 0 --max-steps 2 --cv-folds 2 --jobs 2 --out study --work study-work -- \
+  --data.manifest=isic2018-cache/manifest.csv --data.image_size 64 --trainer.max_time=null && ok study
 skinfusion --help > /dev/null && skinfusion demo --help > /dev/null && ok help
 echo ALL-OK

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +18,10 @@ from skinfusion.evaluation.study import (
     StudyError,
     Variant,
     _check_resume,
+    _spec_differences,
     _study_spec,
     bootstrap_difference,
+    budget_overrides,
     classification_summary,
     parse_variant,
     per_class_table,
@@ -374,10 +377,39 @@ def test_resuming_with_other_folds_is_refused(tmp_path):
         _check_resume(tmp_path, stored, other, None)
 
 
-def test_committed_study_spec_names_configs_inside_the_project(repo_root):
-    spec = json.loads((repo_root / "docs" / "study" / "spec.json").read_text())
-    configs = [path for path, _ in spec["base_configs"]] + [v["config"] for v in spec["variants"]]
-    assert all(not path.startswith("/") and (repo_root / path).is_file() for path in configs), configs
+#: README's study commands ("The paper's ablation, measured"), as arguments: (out, extra base configs, seeds).
+README_STUDIES = {"docs/study-cpu": ([], [0, 1, 2]), "docs/study-cpu-3class": (["three_class.yaml"], [0, 1])}
+README_FIT = [
+    "--data.manifest=isic2018-cache/manifest.csv",
+    "--trainer.max_time=null",
+    "--data.num_workers=0",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+@pytest.mark.parametrize("folder", sorted(README_STUDIES))
+def test_readme_study_command_resumes_the_committed_study(folder, repo_root, monkeypatch):
+    """The committed spec.json is what README's command defines today (configs inside the project with their
+    current hashes, variants, seeds, folds, overrides): the command resumes into it, and a config edited while the
+    study runs fails here, not hours later on resume."""
+    spec_path = repo_root / folder / "spec.json"
+    if not spec_path.is_file():
+        pytest.skip(f"{folder} has not been started yet")
+    readme = (repo_root / "README.md").read_text()
+    assert f"--out {folder} " in readme
+    assert "--max-steps 1000 --cv-folds 3" in readme
+    extra, seeds = README_STUDIES[folder]
+    monkeypatch.chdir(repo_root)  # README's commands run from the project root
+    paper = ["experiments/base.yaml", "experiments/paper/paper.yaml", "experiments/paper/cpu.yaml"]
+    configs = [*paper, *(f"experiments/paper/{c}" for c in extra)]
+    variants = [parse_variant(f"experiments/paper/{v}.yaml") for v in ("baseline", "attention", "fusion", "full")]
+    overrides = [*budget_overrides(1000, None, cv_folds=3), *README_FIT]
+    stored = json.loads(spec_path.read_text())
+    now = _study_spec(Path(folder).name, configs, variants, seeds, "cv", overrides, {"folds": 3, "seed": 0})
+    assert _spec_differences(stored, json.loads(json.dumps(now))) == []
+    paths = [path for path, _ in stored["base_configs"]] + [v["config"] for v in stored["variants"]]
+    assert all(not path.startswith("/") and (repo_root / path).is_file() for path in paths), paths
+    assert not [arg for arg in stored["overrides"] if "=/" in arg or "/work" in arg]  # nothing outside the project
 
 
 # ---------------------------------------------------------------- variants

@@ -569,13 +569,7 @@ def run_study(
     for config in base_configs:
         if not Path(config).is_file():
             raise StudyError("base config not found", config)
-    budget = [f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1"] if max_steps else []
-    if max_steps:  # validate on global steps that end on max_steps, else a run stopping mid-epoch skips its end
-        every = next((max_steps // n for n in (4, 5, 3, 6, 2) if max_steps % n == 0), max_steps)
-        every = max_steps if cv_folds else every  # cross-validation scores the last step: validate there only
-        budget += ["--trainer.check_val_every_n_epoch=null", f"--trainer.val_check_interval={every}"]
-    budget += [f"--trainer.max_time={max_time}"] if max_time else []
-    overrides = [*budget, *overrides]
+    overrides = [*budget_overrides(max_steps, max_time, cv_folds), *overrides]
     split = "cv" if cv_folds else split
     cv = {"folds": cv_folds, "seed": cv_seed} if cv_folds else None
     spec = _study_spec(name, base_configs, variants, seeds, split, overrides, cv)
@@ -650,6 +644,16 @@ def run_study(
     summary = summarize_study(out, n_resamples=n_resamples)
     _log_to_wandb(summary, out, resolved[variants[0].name])
     return summary
+
+
+def budget_overrides(max_steps: int | None, max_time: str | None, cv_folds: int = 0) -> list[str]:
+    """The ``skinfusion fit`` arguments of a study's budget (the first of ``spec.json``'s overrides)."""
+    budget = [f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1"] if max_steps else []
+    if max_steps:  # validate on global steps that end on max_steps, else a run stopping mid-epoch skips its end
+        every = next((max_steps // n for n in (4, 5, 3, 6, 2) if max_steps % n == 0), max_steps)
+        every = max_steps if cv_folds else every  # cross-validation scores the last step: validate there only
+        budget += ["--trainer.check_val_every_n_epoch=null", f"--trainer.val_check_interval={every}"]
+    return budget + ([f"--trainer.max_time={max_time}"] if max_time else [])
 
 
 def _run_name(variant: str, seed: int, fold: int | None = None) -> str:
