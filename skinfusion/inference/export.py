@@ -234,6 +234,8 @@ def load_safetensors_export(path: str | Path, map_location: str = "cpu") -> tupl
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from skinfusion.inference.quantize import CALIBRATION_METHODS  # light: ONNX Runtime loads when quantizing
+
     parser = argparse.ArgumentParser(
         prog="skinfusion export",
         description="Export a skinfusion checkpoint to ONNX, TorchScript, safetensors or a Hugging Face folder.",
@@ -291,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--calibrate-method",
-        choices=("minmax", "entropy", "percentile"),
+        choices=CALIBRATION_METHODS,
         default="percentile",
         help="activation ranges: percentile (99.999th, the default: on a CPU-recipe checkpoint it changed fewer "
         "classes than minmax), minmax, entropy",
