@@ -20,19 +20,20 @@ Variants: ``eager`` (``torch.inference_mode``), ``+cl`` (channels_last), ``+bf16
 where onnxruntime-gpu is installed).
 
 ``--int8`` compares instead, for the paper's network (ResNet-50 U-Net, 224 px: ``experiments/base.yaml`` +
-``paper/paper.yaml`` + ``paper/full.yaml``) and the CPU recipe's (+ ``paper/cpu.yaml``: ResNet-18, 96 px,
-decoder ``[128, 64, 32, 16, 8]``), on the CPU: eager fp32, eager channels_last, ONNX Runtime fp32, ONNX Runtime int8
+``paper/paper.yaml`` + ``paper/full.yaml``) and the CPU recipe's (+ ``paper/cpu.yaml``: ResNet-18, 96 px, decoder
+``[128, 64, 32, 16, 8]``), on the CPU: eager fp32, eager channels_last, ONNX Runtime fp32, ONNX Runtime int8
 (``skinfusion export --quantize int8``'s settings, calibrated on synthetic lesions: speed does not depend on the
-weights) and bf16 autocast where the CPU has AVX-512 BF16 or AMX ("not available" otherwise). Images/s at batch 1
-and 16 are timed in one process, alternated over ``--rounds`` (A B C, C B A...), as ratios to eager fp32 of the
-same round; peak RSS (``VmHWM``) comes from a fresh process per variant that loads it and runs one batch of 16
-(in one process every variant's weights and the allocator's retained memory would blur together); the CPU flags
-from ``/proc/cpuinfo`` are printed, and each row names the CPU features its kernels use (PyTorch's dispatch level as
-PyTorch reports it; for ONNX Runtime the best MLAS kernels its dispatch has for those flags). ``--networks cpu``
-runs one of the two. ONNX Runtime's threads do not spin while idle (they would take cores from the
-next variant) and use ``--threads`` as PyTorch does. On a machine busy with other jobs give ``--threads 1``: two
-OpenMP threads wait at every operator for each other's time slice (eager ResNet-18 ran 25x slower with 2 than
-with 1 on 2 loaded cores).
+weights), with two or more threads the same int8 file split over one session a thread (``OnnxNet(path,
+sessions=N)``: each image of a batch on one thread) and bf16 autocast where the CPU has AVX-512 BF16 or AMX ("not
+available" otherwise). Images/s at batch 1 and 16 are timed in one process, alternated over ``--rounds`` (A B C, C B
+A...), as ratios to eager fp32 of the same round; peak RSS (``VmHWM``) comes from a fresh process per variant that
+loads it and runs one batch of 16 (in one process every variant's weights and the allocator's retained memory would
+blur together); the CPU flags from ``/proc/cpuinfo`` are printed, and each row names the CPU features its kernels
+use (PyTorch's dispatch level as PyTorch reports it; for ONNX Runtime the best MLAS kernels its dispatch has for
+those flags). ``--networks cpu`` runs one of the two. ONNX Runtime's threads do not spin while idle (they would take
+cores from the next variant) and use ``--threads`` as PyTorch does. On a machine busy with other jobs give
+``--threads 1``: two OpenMP threads wait at every operator for each other's time slice (eager ResNet-18 ran 25x
+slower with 2 than with 1 on 2 loaded cores).
 
     python benchmarks/bench_inference.py --int8 --quick --threads 1   # 2 rounds, fewer repeats: minutes
 """
@@ -264,6 +265,23 @@ def _prepare_files(net: SkinFusionNet, settings: InferenceSettings, workdir: Pat
 
 def _int8_runner(variant: str, net: SkinFusionNet | None, workdir: Path):
     """A callable ``(image, meta) -> (mask_logits, class_logits)`` for one ``--int8`` variant."""
+    if variant.startswith("ONNX Runtime int8,"):  # "ONNX Runtime int8, N sessions": OnnxNet's batch split
+        import onnxruntime as ort
+
+        from skinfusion.inference.onnxnet import OnnxNet
+
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions = int(variant.split(", ")[1].split()[0])
+        onnx_net = OnnxNet(
+            workdir / "int8.onnx", threads=torch.get_num_threads(), session_options=options, sessions=sessions
+        )
+
+        def run_sessions(image, meta):
+            output = onnx_net(image, meta if onnx_net.meta_dim else None)
+            return output.mask_logits, output.class_logits
+
+        return run_sessions
     if variant.startswith("ONNX Runtime"):
         import onnxruntime as ort
 
@@ -299,7 +317,7 @@ def _int8_features(variant: str, flags: set[str]) -> str:
         return "oneDNN " + ("AMX-BF16" if "amx_bf16" in flags else "AVX-512 BF16")
     if not variant.startswith("ONNX"):
         return f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN convolutions"
-    if variant.endswith("int8"):
+    if "int8" in variant:
         for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI")):
             if flag in flags:
                 return f"MLAS u8s8 {name}"
@@ -354,7 +372,10 @@ def int8_main(args: argparse.Namespace) -> None:
         f"PyTorch kernels: {torch.backends.cpu.get_cpu_capability()}"
     )
     bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
-    variants = [v for v in INT8_VARIANTS if bf16 or "bf16" not in v]
+    listed = list(INT8_VARIANTS)
+    if torch.get_num_threads() > 1:  # the batch split over one session a thread (OnnxNet(sessions=N))
+        listed.insert(listed.index("ONNX Runtime int8") + 1, f"ONNX Runtime int8, {torch.get_num_threads()} sessions")
+    variants = [v for v in listed if bf16 or "bf16" not in v]
     repeats = {1: 3 if args.quick else 10, 16: 1 if args.quick else 3}
     for recipe in args.networks.split(","):
         title, files = RECIPES[recipe]
@@ -391,7 +412,7 @@ def int8_main(args: argparse.Namespace) -> None:
             f"(MB; bare {peaks['baseline']:.0f}) | max diff vs eager fp32: mask prob, class prob | CPU features used |"
         )
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-        for name in INT8_VARIANTS:
+        for name in listed:
             if name not in variants:
                 print(f"| {name} | not available: no avx512_bf16 / amx_bf16 in /proc/cpuinfo | | | | | | |")
                 continue

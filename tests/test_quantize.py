@@ -283,6 +283,42 @@ def test_onnxnet_is_called_like_the_network(trained, tmp_path):
         OnnxNet(tmp_path / "not.onnx")
 
 
+def test_sessions_split_a_batch_and_give_the_same_outputs(trained, int8):
+    """OnnxNet(sessions=2): a batch of 5 is run as 2 + 3 images on two sessions, one of 1 image on one session; the
+    outputs equal one session's, to the bit (each image is computed alone either way)."""
+    one, two = OnnxNet(int8), OnnxNet(int8, sessions=2)
+    assert len(two.sessions) == 2
+    generator = torch.Generator().manual_seed(1)
+    for batch in (5, 1):
+        image = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+        meta = torch.rand(batch, META_DIM, generator=generator)
+        calls = []
+        for session in two.sessions:  # count the images each session is given
+            run = session.run
+            session.run = lambda names, feed, run=run, calls=calls: calls.append(len(feed["image"])) or run(names, feed)
+        expected, got = one(image, meta), two(image, meta)
+        assert sorted(calls) == ([2, 3] if batch == 5 else [1])  # the sessions run concurrently: any order
+        torch.testing.assert_close(got.mask_logits, expected.mask_logits, atol=0, rtol=0)
+        torch.testing.assert_close(got.class_logits, expected.class_logits, atol=0, rtol=0)
+        for session in two.sessions:
+            del session.run
+    with pytest.raises(ValueError, match="sessions must be >= 1"):
+        OnnxNet(int8, sessions=0)
+
+
+def test_predict_onnx_sessions(trained, int8, tmp_path, capsys):
+    images = [str(r.image) for r in _val(trained)[:5]]
+    for n in (1, 2):
+        predict_main([*images, "--ckpt", str(int8), "--out", str(tmp_path / f"s{n}"), "--onnx-sessions", str(n)])
+    assert (tmp_path / "s2" / "predictions.csv").read_text() == (tmp_path / "s1" / "predictions.csv").read_text()
+    with pytest.raises(SystemExit) as exit_info:  # a checkpoint is not run by ONNX Runtime: refused, one line
+        main(
+            ["predict", images[0], "--ckpt", str(trained["ckpt"]), "--out", str(tmp_path / "x"), "--onnx-sessions", "2"]
+        )
+    assert exit_info.value.code == 2
+    assert "--onnx-sessions 2: give N >= 1, with an ONNX export as --ckpt" in capsys.readouterr().err
+
+
 def _records(splits: dict[str, int], truth: bool = True) -> list[Record]:
     return [
         Record(image=Path(f"{split}_{i}.png"), label="NV" if truth else None, meta={"split": split})
