@@ -284,23 +284,26 @@ def test_onnxnet_is_called_like_the_network(trained, tmp_path):
 
 
 def test_sessions_split_a_batch_and_give_the_same_outputs(trained, int8):
-    """OnnxNet(sessions=2): a batch of 5 is run as 2 + 3 images on two sessions, one of 1 image on one session; the
-    outputs equal one session's, to the bit (each image is computed alone either way)."""
+    """OnnxNet(sessions=2): a batch of 5 is run as 2 + 3 images on two sessions, one of 1 image on the main session;
+    the outputs equal one session's, to the bit (each image is computed alone either way)."""
     one, two = OnnxNet(int8), OnnxNet(int8, sessions=2)
     assert len(two.sessions) == 2
+    assert one.sessions == []
     generator = torch.Generator().manual_seed(1)
     for batch in (5, 1):
         image = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         meta = torch.rand(batch, META_DIM, generator=generator)
         calls = []
-        for session in two.sessions:  # count the images each session is given
+        for i, session in enumerate([two.session, *two.sessions]):  # which session is given how many images
             run = session.run
-            session.run = lambda names, feed, run=run, calls=calls: calls.append(len(feed["image"])) or run(names, feed)
+            session.run = lambda names, feed, run=run, i=i, calls=calls: (
+                calls.append((i, len(feed["image"]))) or run(names, feed)
+            )
         expected, got = one(image, meta), two(image, meta)
-        assert sorted(calls) == ([2, 3] if batch == 5 else [1])  # the sessions run concurrently: any order
+        assert sorted(calls) == ([(1, 2), (2, 3)] if batch == 5 else [(0, 1)])  # concurrent: in any order
         torch.testing.assert_close(got.mask_logits, expected.mask_logits, atol=0, rtol=0)
         torch.testing.assert_close(got.class_logits, expected.class_logits, atol=0, rtol=0)
-        for session in two.sessions:
+        for session in [two.session, *two.sessions]:
             del session.run
     with pytest.raises(ValueError, match="sessions must be >= 1"):
         OnnxNet(int8, sessions=0)

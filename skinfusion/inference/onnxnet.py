@@ -47,12 +47,12 @@ class OnnxNet(nn.Module):
         threads: intra-op threads (default: ONNX Runtime's, one per physical core); with ``sessions``, all of the
             sessions' together (default: PyTorch's thread count, one per physical core).
         session_options: an ``onnxruntime.SessionOptions`` to start from (``threads`` is applied to it).
-        sessions: ONNX Runtime sessions of the file that run side by side, each on its share of a batch and of the
-            threads (``threads // sessions`` each). A batch of fewer images than sessions runs on one session. The
-            outputs are the same (every image is computed alone either way); what changes is speed: on the 2-core
-            AVX2 VM, batch 16 of the CPU recipe's int8 file ran 10-20 % faster with 2 sessions of 1 thread than with
-            1 session of 2 (``benchmarks/bench_inference.py --int8``), while one image at a time is faster with 1
-            session, which has all the threads for it.
+        sessions: split every batch of 2 or more images over this many more sessions of the file, side by side,
+            each with its share of the threads (``threads // sessions``); a single image runs on the main session
+            with all of them. The outputs are the same (each image is computed alone either way); the speed is not:
+            on the 2-core AVX2 VM, batch 16 of the CPU recipe's int8 file ran 2.34x eager fp32 with 2 sessions of 1
+            thread against 2.04x with 1 session of 2 (``benchmarks/bench_inference.py --int8``). Memory: one more
+            copy of the weights a session.
 
     Attributes:
         settings: the file's :class:`~skinfusion.io.InferenceSettings`.
@@ -92,18 +92,20 @@ class OnnxNet(nn.Module):
         if sessions < 1:
             raise ValueError(f"sessions must be >= 1, got {sessions}")
         options = session_options if session_options is not None else onnxruntime.SessionOptions()
-        if sessions > 1:
-            threads = max(1, (threads or torch.get_num_threads()) // sessions)
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        providers = list(providers or ["CPUExecutionProvider"])
+
+        def session(intra_op_threads: int | None) -> Any:
+            if intra_op_threads:
+                options.intra_op_num_threads = int(intra_op_threads)
+            return onnxruntime.InferenceSession(str(path), options, providers=providers)
+
         try:
-            self.sessions = [
-                onnxruntime.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-                for _ in range(sessions)
-            ]
+            self.session = session(threads)
+            share = max(1, (threads or torch.get_num_threads()) // sessions)
+            #: the sessions a batch is split over (none with ``sessions=1``: ``session`` runs every batch)
+            self.sessions = [session(share) for _ in range(sessions)] if sessions > 1 else []
         except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail...)
             raise WeightsError(f"{path}: ONNX Runtime cannot load it ({type(error).__name__}: {error})") from error
-        self.session = self.sessions[0]
         self._pool: ThreadPoolExecutor | None = None  # started at the first batch it splits
         metadata = self.session.get_modelmeta().custom_metadata_map
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -169,7 +171,7 @@ class OnnxNet(nn.Module):
     def _run(self, feed: dict[str, Any], batch: int) -> list[Any]:
         """All outputs of the batch; split into one part a session (they release the GIL while they run)."""
         parts = min(len(self.sessions), batch)
-        if parts < 2:
+        if parts < 2:  # sessions=1, or a single image: all the threads on it
             return self.session.run(self.output_names, feed)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(len(self.sessions), thread_name_prefix="onnxnet")
