@@ -628,3 +628,43 @@ def test_cross_validated_study_end_to_end_keeps_only_results_in_out_and_a_rerun_
     main(args)
     assert not work.exists()  # nothing trained
     assert (out / "study.md").read_text() == table
+
+
+def test_a_run_starts_training_while_another_is_evaluated(tmp_path, monkeypatch):
+    """--jobs 2: evaluations take turns, but a lane whose run finished starts its next run at once (the progress
+    line must not wait for the other lane's evaluation): the second evaluation waits here until the third run trains."""
+    import threading
+
+    import skinfusion.evaluation.study as study
+
+    (tmp_path / "base.yaml").write_text("trainer: {}\n")
+    third_trains = threading.Event()
+
+    def train(command, run_dir, config, name, threads):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "fit_seconds").write_text("1.0\n")
+        if "--seed_everything=2" in command:
+            third_trains.set()
+
+    evaluations = []
+
+    def evaluate(checkpoint, data, split, out_dir, device):
+        evaluations.append(out_dir)
+        if len(evaluations) == 2:  # the lane whose run was evaluated first must be training run 3 meanwhile
+            assert third_trains.wait(timeout=20), "run 3 did not start while the second run was evaluated"
+        return {"isic": {}, "per_image": {}}
+
+    monkeypatch.setattr(study, "_resolved_configs", lambda commands: {v.name: {"data": {}} for v in commands})
+    monkeypatch.setattr(study, "_train", train)
+    monkeypatch.setattr(study, "_evaluate_run", evaluate)
+    monkeypatch.setattr(study, "_pick_checkpoint", lambda run_dir: run_dir / "last.ckpt")
+    monkeypatch.setattr(study, "_last_checkpoint", lambda run_dir: run_dir / "last.ckpt")
+    monkeypatch.setattr(study, "_steps_of", lambda checkpoint: 1)
+    monkeypatch.setattr(study, "summarize_study", lambda out, n_resamples: {})
+    monkeypatch.setattr(study, "_log_to_wandb", lambda summary, out, config: None)
+    run_study(tmp_path / "s", [str(tmp_path / "base.yaml")], ["a:x=1"], seeds=[0, 1, 2], jobs=2)
+    assert sorted(p.parent.name for p in (tmp_path / "s" / "runs").glob("*/result.json")) == [
+        "a-seed0",
+        "a-seed1",
+        "a-seed2",
+    ]

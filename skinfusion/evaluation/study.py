@@ -590,7 +590,8 @@ def run_study(
         runs = [(v, s, None) for v in variants for s in seeds]
     work = Path(work).resolve() if work is not None else out / "runs"
     todo = [(n, *run) for n, run in enumerate(runs, 1) if not _result_path(out, *run).is_file()]
-    started, lock = time.monotonic(), threading.Lock()
+    # ``lock`` guards the progress lines; ``evaluating`` runs one evaluation at a time while the other runs train
+    started, lock, evaluating = time.monotonic(), threading.Lock(), threading.Lock()
     durations: list[float] = []
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
 
@@ -613,7 +614,7 @@ def run_study(
         checkpoint = _pick_checkpoint(run_dir) if fold is None else _last_checkpoint(run_dir)
         if checkpoint is None:
             raise StudyError("the run wrote no checkpoint", run_dir)
-        with lock:  # one evaluation at a time, with all the threads
+        with evaluating:  # one evaluation at a time, with all the threads
             evaluation = _evaluate_run(checkpoint, data, "val" if fold is not None else split, run_dir / "eval", device)
         result = {
             "variant": variant.name,
