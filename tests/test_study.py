@@ -26,6 +26,7 @@ from skinfusion.evaluation.study import (
     parse_variant,
     per_class_table,
     run_study,
+    study_main,
     summarize_study,
 )
 
@@ -668,3 +669,36 @@ def test_a_run_starts_training_while_another_is_evaluated(tmp_path, monkeypatch)
         "a-seed1",
         "a-seed2",
     ]
+
+
+def test_status_lists_every_run_of_the_spec_finished_or_not(tmp_path, capsys):
+    """--status reads only OUT: every run spec.json defines, in training order, with its figures once finished."""
+    rng = np.random.default_rng(7)
+    n, k = 40, 2
+    truth, groups = np.arange(n) % k, np.arange(n)
+    probabilities = np.stack([_run_probabilities([0.7, 0.8], truth, k, rng)] * 2)
+    _cv_study(tmp_path / "cv", probabilities, None, truth, groups % 2, ["a", "b"], groups)
+    path = tmp_path / "cv" / "runs" / "b-seed0-fold1" / "result.json"
+    result = json.loads(path.read_text())
+    result["isic"] = {
+        "task3/balanced_accuracy": 0.625,
+        "task3_image_only/balanced_accuracy": 0.5,
+        "task3/num_images": 20,
+    }
+    path.write_text(json.dumps(result))
+    (tmp_path / "cv" / "runs" / "a-seed1-fold0" / "result.json").unlink()
+
+    summary = study_main(["--status", "--out", str(tmp_path / "cv")])
+    names = [r["run"] for r in summary["runs"]]
+    assert names == [f"{v}-seed{s}-fold{f}" for s in (0, 1) for v in ("a", "b") for f in (0, 1)]
+    assert [r["run"] for r in summary["runs"] if not r["finished"]] == ["a-seed1-fold0"]
+    out = capsys.readouterr().out
+    assert "7 of 8 runs finished" in out
+    assert "| b-seed0-fold1 | 10 | 1.0 | 20 | 0.625 | 0.500 |" in out
+    assert "| a-seed1-fold0 | not finished |" in out
+    with pytest.raises(SystemExit):  # no study in that folder
+        main(["study", "--status", "--out", str(tmp_path)])
+    assert "no study here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # running needs the configs
+        main(["study", "--out", str(tmp_path / "cv")])
+    assert "give the base configs" in capsys.readouterr().err

@@ -64,6 +64,7 @@ __all__ = [
     "parse_variant",
     "run_study",
     "study_main",
+    "study_status",
     "summarize_study",
 ]
 
@@ -657,6 +658,56 @@ def budget_overrides(max_steps: int | None, max_time: str | None, cv_folds: int 
     return budget + ([f"--trainer.max_time={max_time}"] if max_time else [])
 
 
+def study_status(out: str | Path) -> list[dict[str, Any]]:
+    """Every run that ``out``'s ``spec.json`` defines, in the order the study trains them: its name and, when its
+    ``result.json`` is there, its steps, fit minutes and balanced accuracy both ways (the run's own images)."""
+    out = Path(out)
+    spec = json.loads((out / "spec.json").read_text())
+    names, seeds = [v["name"] for v in spec["variants"]], spec["seeds"]
+    folds = (spec.get("cv") or {}).get("folds") or 0
+    if folds:
+        runs = [(v, s, k) for s in seeds for v in names for k in range(folds)]
+    else:
+        runs = [(v, s, None) for v in names for s in seeds]
+    rows = []
+    for variant, seed, fold in runs:
+        name = _run_name(variant, seed, fold)
+        path = out / "runs" / name / "result.json"
+        row: dict[str, Any] = {"run": name, "finished": path.is_file()}
+        if row["finished"]:
+            result = json.loads(path.read_text())
+            metrics = result.get("isic", {})
+            row |= {
+                "steps": result.get("steps"),
+                "fit_minutes": result.get("fit_seconds", math.nan) / 60,
+                "balanced_accuracy": metrics.get("task3/balanced_accuracy", math.nan),
+                "balanced_accuracy_image_only": metrics.get(
+                    "task3_image_only/balanced_accuracy", metrics.get("task3/balanced_accuracy", math.nan)
+                ),
+                "images": metrics.get("task3/num_images"),
+            }
+        rows.append(row)
+    return rows
+
+
+def _status_markdown(out: Path, rows: list[dict[str, Any]]) -> str:
+    done = [r for r in rows if r["finished"]]
+    lines = [
+        f"{out}: {len(done)} of {len(rows)} runs finished" + ("" if len(done) < len(rows) else " (summary: rerun)"),
+        "",
+        md_row("run", "steps", "fit min", "images", "balanced accuracy", "images alone"),
+        md_row("---", "---:", "---:", "---:", "---:", "---:"),
+    ]
+    for r in rows:
+        if r["finished"]:
+            cells = [r["steps"], f"{r['fit_minutes']:.1f}", r["images"]]
+            cells += [f"{r['balanced_accuracy']:.3f}", f"{r['balanced_accuracy_image_only']:.3f}"]
+        else:
+            cells = ["not finished", "", "", "", ""]
+        lines.append(md_row(r["run"], *cells))
+    return "\n".join(lines)
+
+
 def _run_name(variant: str, seed: int, fold: int | None = None) -> str:
     return f"{variant}-seed{seed}" + (f"-fold{fold}" if fold is not None else "")
 
@@ -1233,17 +1284,22 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-steps 600 --out studies/paper -- --data.manifest=isic2018-cache/manifest.csv"
         ),
     )
-    parser.add_argument("--config", action="append", default=[], required=True, help="base config (repeat)")
+    parser.add_argument("--config", action="append", default=[], help="base config (repeat; required to run)")
     parser.add_argument(
         "--variant",
         action="append",
         default=[],
-        required=True,
         help="FILE.yaml, NAME=FILE.yaml, NAME:KEY=VALUE[,KEY=VALUE] or NAME=FILE.yaml:KEY=VALUE (repeat; the "
         "first is the baseline)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seed_everything values (default: 0)")
     parser.add_argument("--out", required=True, type=Path, help="the study's folder")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="only list the study's runs in --out: finished (steps, minutes, balanced accuracy both ways) or not;"
+        " trains nothing (no --config or --variant needed)",
+    )
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="split scored")
     parser.add_argument(
         "--cv-folds",
@@ -1277,6 +1333,14 @@ def study_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    if args.pop("status"):
+        if not (args["out"] / "spec.json").is_file():
+            parser.error(f"{args['out']}: no study here (no spec.json)")
+        rows = study_status(args["out"])
+        print(_status_markdown(args["out"], rows))
+        return {"runs": rows}
+    if not args["config"] or not args["variant"]:
+        parser.error("give the base configs (--config) and the variants (--variant), or --status")
     if args["cv_folds"] and "--split" in argv:
         parser.error("give --split or --cv-folds, not both")
     if args["cv_folds"] < 0 or args["cv_folds"] == 1:
