@@ -481,14 +481,13 @@ def _configs(tmp_path, repo_root) -> list[str]:
     return [str(repo_root / "experiments" / "base.yaml"), str(tmp_path / "tiny.yaml")]
 
 
-@pytest.mark.slow
-def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
-    configs = _configs(tmp_path, repo_root)
-    args = [
+def _tiny_study_args(configs: list[str], *extra: str) -> list[str]:
+    """`skinfusion study` of two 2-step variants on ``configs``: the paper's baseline form (no attention, no
+    decoder: scored on diagnosis alone) and CBAM attention; ``extra`` arguments follow."""
+    return [
         "study",
         *[arg for config in configs for arg in ("--config", config)],
         "--variant",
-        # The paper's baseline form: no attention and no decoder (scored on diagnosis alone).
         "plain:model.net.init_args.attention=null,model.net.init_args.decoder=false,model.net.init_args.fusion=none",
         "--variant",
         "cbam:model.net.init_args.attention=cbam",
@@ -496,9 +495,14 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
         "2",
         "--resamples",
         "100",
-        "--out",
-        str(tmp_path / "study"),
+        *extra,
     ]
+
+
+@pytest.mark.slow
+def test_study_runs_end_to_end_and_resumes(tmp_path, repo_root, capsys):
+    configs = _configs(tmp_path, repo_root)
+    args = _tiny_study_args(configs, "--out", str(tmp_path / "study"))
     main([*args, "--jobs", "2"])  # two runs at once, one thread each
     out = tmp_path / "study"
     for name in ("study.md", "study.csv", "study.json", "study.png", "spec.json"):
@@ -581,24 +585,7 @@ def test_cross_validated_study_end_to_end_keeps_only_results_in_out_and_a_rerun_
     checkpoints; rerun with W gone, the study finds every run finished, trains nothing and writes the same table."""
     configs = _configs(tmp_path, repo_root)
     out, work = tmp_path / "study", tmp_path / "work"
-    args = [
-        "study",
-        *[arg for config in configs for arg in ("--config", config)],
-        "--variant",
-        "plain:model.net.init_args.attention=null,model.net.init_args.decoder=false,model.net.init_args.fusion=none",
-        "--variant",
-        "cbam:model.net.init_args.attention=cbam",
-        "--max-steps",
-        "2",
-        "--cv-folds",
-        "2",
-        "--resamples",
-        "100",
-        "--out",
-        str(out),
-        "--work",
-        str(work),
-    ]
+    args = _tiny_study_args(configs, "--cv-folds", "2", "--out", str(out), "--work", str(work))
     main([*args, "--jobs", "2"])
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
         f"{v}-seed0-fold{k}" for v in ("cbam", "plain") for k in (0, 1)

@@ -396,10 +396,16 @@ def _rounded(values: Sequence[float]) -> list[float]:
     return [round(float(x), 6) for x in values]
 
 
-def _atomic_json(path: Path, value: Any) -> None:
+def _atomic_json(path: Path, value: Any, compact: bool = False) -> None:
+    """Write ``value`` as JSON atomically: indented to read, or ``compact`` (no spaces) for the large result files."""
     from skinfusion.io import atomic_write
 
-    atomic_write(path, json.dumps(value, indent=1, allow_nan=True) + "\n")
+    text = (
+        json.dumps(value, separators=(",", ":"), allow_nan=True)
+        if compact
+        else json.dumps(value, indent=1, allow_nan=True)
+    )
+    atomic_write(path, text + "\n")
 
 
 def _format_seconds(seconds: float) -> str:
@@ -630,9 +636,7 @@ def run_study(
         }
         result_path = _result_path(out, variant, seed, fold)
         result_path.parent.mkdir(parents=True, exist_ok=True)
-        from skinfusion.io import atomic_write
-
-        atomic_write(result_path, json.dumps(result, separators=(",", ":"), allow_nan=True) + "\n")
+        _atomic_json(result_path, result, compact=True)
         with lock:
             durations.append(time.monotonic() - run_started)
 
