@@ -11,9 +11,10 @@
       roc_curves.png               one-vs-rest ROC curve of every class present in the truth
       worst_segmentations/         the N lowest-Jaccard images: truth contour green, prediction magenta
       predictions/                 (when a Predictor is given) the masks and CSV that were scored
-      image_only/                  (a Predictor whose network reads age/sex/site) the diagnosis CSV predicted
-                                   with that metadata withheld, scored as task3_image_only/*: what
-                                   `predict DIR` and the demo give for images without it
+      image_only/                  (a Predictor whose network reads age/sex/site) the diagnosis CSV of the
+                                   labelled images (the ones it scores) predicted with that metadata withheld,
+                                   scored as task3_image_only/*: what `predict DIR` and the demo give for
+                                   images without it (for unlabelled images, run `predict DIR`)
 
 Records with a mask are scored for Task 1 (at the mask's own, original resolution), records with a label for
 Task 3; the parts of a task that no record has truth for are left out.
