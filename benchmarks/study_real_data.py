@@ -22,18 +22,16 @@ Everything is on the validation split: never tune on the test split.
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import json
 
 import numpy as np
 import torch
 
-from skinfusion.data.dataset import META_FIELDS
 from skinfusion.data.imageio import read_mask
 from skinfusion.evaluation.calibration import expected_calibration_error, fit_temperature
+from skinfusion.evaluation.crossval import _manifest_sources
 from skinfusion.evaluation.isic import classification_scores, segmentation_scores
-from skinfusion.evaluation.report import cv_fold_records
+from skinfusion.evaluation.report import cv_fold_records, withhold_metadata
 from skinfusion.inference.inputs import collect_records
 from skinfusion.inference.postprocess import PostProcess
 from skinfusion.inference.predictor import Predictor
@@ -95,8 +93,7 @@ def main() -> None:
         records, where = [r for r in records if r.meta.get("split", args.split) == args.split], args.split
     if args.limit:
         records = records[: args.limit]
-    with open(args.manifest, newline="") as f:
-        task1 = {row["id"] for row in csv.DictReader(f) if row.get("source", "").startswith("isic_task1")}
+    task1 = {i for i, source in _manifest_sources(args.manifest).items() if source.startswith("isic_task1")}
     print(f"{len(records)} {where} images from {args.manifest}")
     results: dict[str, dict] = {}
     for tta in (False, True):
@@ -129,12 +126,7 @@ def main() -> None:
                 "images_with_label": len(labelled),
             }
             if predictor.meta_dim:  # the same images with age, sex and site withheld: what `predict DIR` sees
-                blind = [
-                    dataclasses.replace(
-                        p.record, mask=None, meta={k: v for k, v in p.record.meta.items() if k not in META_FIELDS}
-                    )
-                    for p in labelled
-                ]
+                blind = [withhold_metadata(p.record) for p in labelled]
                 blind_probs = np.stack([p.probabilities for p in predict(predictor, blind)])
                 results[name]["classification"]["balanced_accuracy_image_only"] = classification_scores(
                     blind_probs, one_hot, predictor.class_names
@@ -143,11 +135,14 @@ def main() -> None:
                 results[name]["calibration"] = two_fold_ece(probs, labels)
 
     print("\n| setting | thresholded Jaccard | Jaccard | Dice |\n| --- | ---: | ---: | ---: |")
-    for key, what in (("segmentation", "images_with_mask"), ("segmentation_task1", "task1_images_with_mask")):
+    for key, count, images in (
+        ("segmentation", "images_with_mask", "masks"),
+        ("segmentation_task1", "task1_images_with_mask", "Task 1 masks"),
+    ):
         for name, result in results.items():
             for label, s in result[key].items():
                 print(
-                    f"| {name}, {label} ({result[what]} {key.replace('segmentation', 'masks').replace('_', ', ')}) "
+                    f"| {name}, {label} ({result[count]} {images}) "
                     f"| {s['threshold_jaccard']:.4f} | {s['jaccard']:.4f} | {s['dice']:.4f} |"
                 )
     for name, result in results.items():

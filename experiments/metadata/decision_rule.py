@@ -27,9 +27,18 @@ TAUS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
 OFFSETS = np.linspace(-2.0, 2.0, 41)
 
 
+def log_prior(truth: np.ndarray, k: int) -> np.ndarray:
+    return np.log(np.bincount(truth, minlength=k).clip(1) / len(truth))
+
+
+def log_probabilities(run: dict[str, np.ndarray], way: str) -> np.ndarray:
+    """The run's class log-probabilities with the metadata the data has, or on images alone."""
+    return run["blind"] + run["evidence"] if way == "with metadata" else run["blind"]
+
+
 def best_tau(log_p: np.ndarray, truth: np.ndarray, k: int) -> float:
-    log_prior = np.log(np.bincount(truth, minlength=k).clip(1) / len(truth))
-    scores = [balanced_accuracy(truth, (log_p - tau * log_prior).argmax(1), k) for tau in TAUS]
+    prior = log_prior(truth, k)
+    scores = [balanced_accuracy(truth, (log_p - tau * prior).argmax(1), k) for tau in TAUS]
     return TAUS[int(np.argmax(scores))]  # ties: the first, the least adjustment
 
 
@@ -59,16 +68,16 @@ def main() -> None:
         for way in ("with metadata", "images alone"):
             default, tau_gain, offset_gain, taus = [], [], [], []
             for (seed, tune), run in sorted(runs.items()):
-                log_p = run["blind"] + run["evidence"] if way == "with metadata" else run["blind"]
+                log_p = log_probabilities(run, way)
                 tau, offsets = best_tau(log_p, run["truth"], k), best_offsets(log_p, run["truth"], k)
-                log_prior = np.log(np.bincount(run["truth"], minlength=k).clip(1) / len(run["truth"]))
+                prior = log_prior(run["truth"], k)
                 for (other_seed, fold), other in sorted(runs.items()):
                     if other_seed != seed or fold == tune:
                         continue
-                    other_p = other["blind"] + other["evidence"] if way == "with metadata" else other["blind"]
+                    other_p = log_probabilities(other, way)
                     base = balanced_accuracy(other["truth"], other_p.argmax(1), k)
                     default.append(base)
-                    tau_gain.append(balanced_accuracy(other["truth"], (other_p - tau * log_prior).argmax(1), k) - base)
+                    tau_gain.append(balanced_accuracy(other["truth"], (other_p - tau * prior).argmax(1), k) - base)
                     offset_gain.append(balanced_accuracy(other["truth"], (other_p + offsets).argmax(1), k) - base)
                     taus.append(tau)
             if not default:

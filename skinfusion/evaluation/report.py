@@ -496,6 +496,11 @@ def _has_clinical_metadata(record: Record) -> bool:
     return any(str(record.meta.get(field, "") or "").strip() for field in META_FIELDS)
 
 
+def withhold_metadata(record: Record) -> Record:
+    """``record`` with age, sex and site withheld and no mask: what ``predict DIR`` sees of it, for the diagnosis."""
+    return dataclasses.replace(record, mask=None, meta={k: v for k, v in record.meta.items() if k not in META_FIELDS})
+
+
 def _image_only_predictions(predictor: Predictor, records: Sequence[Record], out_dir: Path) -> Path | None:
     """Predict the diagnosis of the labelled ``records`` with age, sex and site withheld into ``out_dir``'s CSV;
     ``None`` when the network has no metadata branch (its diagnosis is image-only already) or no record has
@@ -503,10 +508,7 @@ def _image_only_predictions(predictor: Predictor, records: Sequence[Record], out
     labelled = [r for r in records if r.label]
     if not predictor.meta_dim or not any(_has_clinical_metadata(r) for r in labelled):
         return None
-    blind = [
-        dataclasses.replace(r, mask=None, meta={k: v for k, v in r.meta.items() if k not in META_FIELDS})
-        for r in labelled
-    ]
+    blind = [withhold_metadata(r) for r in labelled]
     run = copy.copy(predictor)
     run.explain = None
     log.info("scoring the diagnosis again with age, sex and site withheld (%d images)", len(blind))
