@@ -1,6 +1,6 @@
 """Whether the decision rule leaves balanced accuracy on the table, measured offline on a cross-validated study.
 
-    python experiments/metadata/decision_rule.py --study docs/study-cpu [--variant full ...]
+    python experiments/metadata/decision_rule.py --study docs/study-cpu [--variant full ...] [--seeds 0]
 
 The network's argmax already targets balanced accuracy (logit-adjusted loss, square-root balanced sampling). Two
 post-hoc rules could still move it, both ways (with the metadata the data has, and on images alone):
@@ -59,11 +59,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", type=Path, required=True)
     parser.add_argument("--variant", nargs="+", default=["baseline", "attention", "fusion", "full"])
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these training seeds (default: every finished one)")
     args = parser.parse_args()
     print("| variant | way | tune/check pairs | default, checked folds | + tau (chosen) | + per-class offsets |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for variant in args.variant:
         runs = load_runs(args.study, variant)
+        if args.seeds is not None:
+            runs = {key: run for key, run in runs.items() if key[0] in args.seeds}
+        if not runs:
+            print(f"| {variant} | | 0 | (no finished run of seeds {args.seeds}) | | |")
+            continue
         k = len(next(iter(runs.values()))["classes"])
         for way in ("with metadata", "images alone"):
             default, tau_gain, offset_gain, taus = [], [], [], []
