@@ -27,7 +27,7 @@ def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray, k: int) -> float
 
 
 def load_runs(study: Path, variant: str) -> dict[tuple[int, int], dict[str, np.ndarray]]:
-    """(seed, fold) -> truth, log p image-only, evidence, for the variant's finished runs."""
+    """(seed, fold) -> image ids, truth, log p image-only, evidence, for the variant's finished runs."""
     runs = {}
     for path in sorted((study / "runs").glob(f"{variant}-seed*-fold*/result.json")):
         result = json.loads(path.read_text())
@@ -38,6 +38,7 @@ def load_runs(study: Path, variant: str) -> dict[tuple[int, int], dict[str, np.n
         blind = np.log(np.clip([per_image["probabilities_image_only"][i] for i in ids], 1e-12, None))
         given = np.log(np.clip([per_image["probabilities"][i] for i in ids], 1e-12, None))
         runs[result["seed"], result["fold"]] = {
+            "ids": ids,
             "truth": np.array([per_image["label"][i] for i in ids]),
             "blind": blind,
             "evidence": given - blind,
