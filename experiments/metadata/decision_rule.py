@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from fusion_weight import balanced_accuracy, load_runs
+from fusion_weight import balanced_accuracy, load_runs, log_probabilities
 
 TAUS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
 OFFSETS = np.linspace(-2.0, 2.0, 41)
@@ -29,11 +29,6 @@ OFFSETS = np.linspace(-2.0, 2.0, 41)
 
 def log_prior(truth: np.ndarray, k: int) -> np.ndarray:
     return np.log(np.bincount(truth, minlength=k).clip(1) / len(truth))
-
-
-def log_probabilities(run: dict[str, np.ndarray], way: str) -> np.ndarray:
-    """The run's class log-probabilities with the metadata the data has, or on images alone."""
-    return run["blind"] + run["evidence"] if way == "with metadata" else run["blind"]
 
 
 def best_tau(log_p: np.ndarray, truth: np.ndarray, k: int) -> float:

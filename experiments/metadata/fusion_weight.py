@@ -26,6 +26,11 @@ def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray, k: int) -> float
     return float(np.mean([np.mean(predicted[truth == c] == c) for c in range(k) if (truth == c).any()]))
 
 
+def log_probabilities(run: dict[str, np.ndarray], way: str) -> np.ndarray:
+    """A run's class log-probabilities with the metadata the data has (``"with metadata"``), or on images alone."""
+    return run["blind"] + run["evidence"] if way == "with metadata" else run["blind"]
+
+
 def load_runs(study: Path, variant: str) -> dict[tuple[int, int], dict[str, np.ndarray]]:
     """(seed, fold) -> image ids, truth, log p image-only, evidence, for the variant's finished runs."""
     runs = {}

@@ -19,7 +19,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from fusion_weight import load_runs
+from fusion_weight import load_runs, log_probabilities
 
 from skinfusion.evaluation.intervals import balanced_accuracy_statistic, two_level_bootstrap
 
@@ -42,32 +42,26 @@ def per_lesion(study: Path, variant: str, manifest: dict[str, tuple[str, str]], 
     k = len(classes)
     report = {"variant": variant, "seeds": complete, "classes": classes}
     for way in ("with metadata", "images alone"):
-        lesion_of, truth_of, correct = {}, {}, []
+        truth_of: dict[str, int] = {}  # lesion -> class
+        correct = []  # per seed: lesion -> its images' mean correctness
         for s in complete:
-            images, hits = [], []
+            hits: dict[str, list[bool]] = {}
             for fold in folds:
                 run = runs[s, fold]
-                log_p = run["blind"] + run["evidence"] if way == "with metadata" else run["blind"]
-                for i, image in enumerate(run["ids"]):
-                    if manifest[image][0] == source:
-                        images.append(image)
-                        hits.append(log_p[i].argmax() == run["truth"][i])
-                        lesion_of[image], truth_of[image] = manifest[image][1], run["truth"][i]
-            by_lesion: dict[str, list[bool]] = {}
-            for image, hit in zip(images, hits, strict=True):
-                by_lesion.setdefault(lesion_of[image], []).append(hit)
-            correct.append({lesion: float(np.mean(v)) for lesion, v in by_lesion.items()})
-        lesions = sorted(correct[0])
-        lesion_truth = {lesion_of[i]: truth_of[i] for i in lesion_of}
-        truth = np.array([lesion_truth[les] for les in lesions])
-        matrix = np.array([[c[les] for les in lesions] for c in correct])
+                predicted = log_probabilities(run, way).argmax(1)
+                for image, truth, guess in zip(run["ids"], run["truth"], predicted, strict=True):
+                    image_source, lesion = manifest[image]
+                    if image_source == source:
+                        hits.setdefault(lesion, []).append(guess == truth)
+                        truth_of[lesion] = truth
+            correct.append({lesion: float(np.mean(v)) for lesion, v in hits.items()})
+        lesions = sorted(truth_of)
+        truth = np.array([truth_of[lesion] for lesion in lesions])
+        matrix = np.array([[c[lesion] for lesion in lesions] for c in correct])
         statistic = balanced_accuracy_statistic(matrix, truth, k)
         estimate, low, high = two_level_bootstrap(statistic, len(complete), lesions, truth)
         recall = [float(matrix[:, truth == c].mean()) if (truth == c).any() else float("nan") for c in range(k)]
-        per_seed = [
-            float(balanced_accuracy_statistic(matrix[[r]], truth, k)([np.array([0])], np.arange(len(truth))))
-            for r in range(len(complete))
-        ]
+        per_seed = [statistic([np.array([r])], np.arange(len(truth))) for r in range(len(complete))]
         report[way] = {
             "balanced_accuracy": (estimate, low, high),
             "per_seed": per_seed,
