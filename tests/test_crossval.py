@@ -42,10 +42,9 @@ def _fold(folder: Path, fold: int, predicted: dict[int, str], blind: dict[int, s
     return folder
 
 
-def test_pooled_folds_are_scored_per_seed_with_support(tmp_path):
-    """By hand. Seed 0: with metadata every image right (1.0); image only MEL 1/3, NV 3/3 -> 2/3.
-    Seed 1: with metadata MEL 2/3, NV 2/3 -> 2/3; image only MEL 0, NV 1 -> 1/2. Jaccard: Task 1 images 2 and 3."""
-    manifest = _manifest(tmp_path)
+def _two_seeds(tmp_path: Path) -> list[list[Path]]:
+    """Seed 0: with metadata every image right; image only images 0 and 1 (lesion A, MEL) wrong.
+    Seed 1: with metadata images 1 (lesion A) and 4 (lesion D, NV) wrong; image only every image "NV"."""
     right = {0: "MEL", 1: "MEL", 2: "MEL", 3: "NV", 4: "NV", 5: "NV"}
     s0 = [
         _fold(
@@ -71,7 +70,14 @@ def test_pooled_folds_are_scored_per_seed_with_support(tmp_path):
             tmp_path / "s1/f1", 1, {2: "MEL", 4: "MEL", 5: "NV"}, {2: "NV", 4: "NV", 5: "NV"}, {2: 1.0, 4: 1.0, 5: 1.0}
         ),
     ]
-    report = pool_crossval(manifest, [s0, s1], tmp_path / "out", n_resamples=200)
+    return [s0, s1]
+
+
+def test_pooled_folds_are_scored_per_seed_with_support(tmp_path):
+    """By hand. Seed 0: with metadata every image right (1.0); image only MEL 1/3, NV 3/3 -> 2/3.
+    Seed 1: with metadata MEL 2/3, NV 2/3 -> 2/3; image only MEL 0, NV 1 -> 1/2. Jaccard: Task 1 images 2 and 3."""
+    manifest = _manifest(tmp_path)
+    report = pool_crossval(manifest, _two_seeds(tmp_path), tmp_path / "out", n_resamples=200)
     m = report["metrics"]
     assert m["with_metadata/balanced_accuracy"]["per_seed"] == pytest.approx([1.0, 2 / 3])
     assert m["image_only/balanced_accuracy"]["per_seed"] == pytest.approx([2 / 3, 1 / 2])
@@ -86,6 +92,52 @@ def test_pooled_folds_are_scored_per_seed_with_support(tmp_path):
     text = (tmp_path / "out" / "crossval.md").read_text()
     assert "| MEL | 3 | 2 |" in text
     assert json.loads((tmp_path / "out" / "crossval.json").read_text())["runs"] == 2
+
+
+def test_per_lesion_and_one_source_score_as_a_check_with_one_image_per_lesion(tmp_path):
+    """By hand. Per lesion (A = mean of images 0 and 1), seed 0 image only: MEL A 0, B 1 -> 1/2, NV 1 -> 3/4;
+    seed 1 with metadata: MEL A 1/2, B 1 -> 3/4, NV C 1, D 0, E 1 -> 2/3 -> 17/24 (per image: 2/3).
+    Source isic_task3 (images 0, 1, 4, 5), per image: seed 0 image only MEL 0, NV 1 -> 1/2; seed 1 with metadata
+    MEL 1/2, NV 1/2 -> 1/2; Jaccard of those images, seed 0: (1.0 + 0.8 + 0.9 + 0.6) / 4. Both: lesions A, D, E."""
+    manifest = _manifest(tmp_path)
+    runs = _two_seeds(tmp_path)
+    m = pool_crossval(manifest, runs, tmp_path / "lesion", n_resamples=200, per_lesion=True)["metrics"]
+    assert m["with_metadata/balanced_accuracy"]["per_seed"] == pytest.approx([1.0, 17 / 24])
+    assert m["image_only/balanced_accuracy"]["per_seed"] == pytest.approx([3 / 4, 1 / 2])
+    assert m["with_metadata/recall/MEL"]["per_seed"] == pytest.approx([1.0, 3 / 4])
+    assert m["threshold_jaccard"]["per_seed"] == pytest.approx([4.0 / 6, 1.0])  # masks stay per image
+    assert "each of the 5 lesions once" in (tmp_path / "lesion" / "crossval.md").read_text()
+
+    report = pool_crossval(manifest, runs, tmp_path / "ham", n_resamples=200, source="isic_task3")
+    m = report["metrics"]
+    assert report["num_images"] == 4
+    assert report["support"] == {"MEL": {"images": 2, "lesions": 1}, "NV": {"images": 2, "lesions": 2}}
+    assert m["image_only/balanced_accuracy"]["per_seed"] == pytest.approx([1 / 2, 1 / 2])
+    assert m["with_metadata/balanced_accuracy"]["per_seed"] == pytest.approx([1.0, 1 / 2])
+    assert m["threshold_jaccard"]["per_seed"] == pytest.approx([0.825, 1.0])
+    assert "task1_threshold_jaccard" not in m
+    assert "source `isic_task3`" in (tmp_path / "ham" / "crossval.md").read_text()
+
+    argv = ["--truth", str(manifest), "--out", str(tmp_path / "both"), "--per-lesion", "--source", "isic_task3"]
+    report = crossval_main([*argv, "--run", *map(str, runs[0]), "--run", *map(str, runs[1]), "--resamples", "100"])
+    assert report["num_lesions"] == 3
+    assert report["metrics"]["with_metadata/balanced_accuracy"]["per_seed"] == pytest.approx([1.0, 1 / 2])
+    assert report["metrics"]["image_only/balanced_accuracy"]["per_seed"] == pytest.approx([1 / 2, 1 / 2])
+
+
+def test_per_lesion_and_source_refuse_what_they_cannot_score(tmp_path):
+    manifest = _manifest(tmp_path)
+    runs = _two_seeds(tmp_path)
+    with pytest.raises(DataError, match="no scored image with a diagnosis has source 'ph2'"):
+        pool_crossval(manifest, runs, source="ph2")
+    text = manifest.read_text()
+    manifest.write_text(text.replace("ISIC_0000003.png,NV,C", "ISIC_0000003.png,NV,A"))  # lesion A: MEL and NV
+    with pytest.raises(DataError, match="lesion 'A' has images of two diagnoses"):
+        pool_crossval(manifest, runs, per_lesion=True)
+    plain = tmp_path / "plain.csv"
+    plain.write_text("\n".join(",".join(row.split(",")[:5]) for row in text.splitlines()) + "\n")
+    with pytest.raises(DataError, match="no 'source' column"):
+        pool_crossval(plain, runs, source="isic_task3")
 
 
 def test_crossval_refuses_missing_or_repeated_folds(tmp_path, capsys):

@@ -16,6 +16,11 @@ bootstrap interval (seeds, then lesions within their class; :mod:`skinfusion.eva
   both ways next to its support (images and lesions);
 * the ISIC Task 1 thresholded Jaccard of every image with a mask, and of the ISIC 2018 Task 1 images alone.
 
+Two options score the way a held-out check with one image per lesion does: ``source`` keeps only the images of
+one manifest source (``isic_task3``: HAM10000, the images that have age, sex and site), and ``per_lesion``
+counts every lesion once in the diagnosis metrics, as its images' mean correctness (the expected score of one
+image drawn per lesion; in HAM10000 a lesion photographed several times otherwise counts several times).
+
 It writes ``crossval.json`` and ``crossval.md`` to ``--out``.
 """
 
@@ -106,6 +111,21 @@ def _manifest_sources(truth: str | Path) -> dict[str, str]:
         return {row["id"]: row["source"] for row in reader}
 
 
+def _units(
+    lesions: Sequence[str], truth_idx: np.ndarray, ids: Sequence[str], truth: Path
+) -> tuple[tuple[list[str], np.ndarray], np.ndarray]:
+    """``((lesion names, their class), index of each image's lesion)``; a lesion of two diagnoses is refused."""
+    names = sorted(set(lesions))
+    index = {name: j for j, name in enumerate(names)}
+    unit_of = np.array([index[lesion] for lesion in lesions])
+    classes = np.full(len(names), -1)
+    for image, j, c in zip(ids, unit_of, truth_idx, strict=True):
+        if classes[j] not in (-1, c):
+            raise DataError(truth, f"lesion {names[j]!r} has images of two diagnoses (e.g. {image}): not one unit")
+        classes[j] = c
+    return (names, classes), unit_of
+
+
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     array = np.asarray(values, float)
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
@@ -117,6 +137,8 @@ def pool_crossval(
     out_dir: str | Path | None = None,
     n_resamples: int = 2000,
     confidence_level: float = 0.95,
+    per_lesion: bool = False,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Pool each run's cross-validation folds and score them per seed and as a seed mean (module docstring).
 
@@ -124,6 +146,8 @@ def pool_crossval(
         truth: the manifest the folds were drawn from (labels, lesions, sources).
         runs: one list of ``skinfusion evaluate --cv-folds`` folders per training seed, each holding every fold.
         out_dir: where to write ``crossval.json`` and ``crossval.md`` (``None``: nothing written).
+        per_lesion: count every lesion once in the diagnosis metrics (its images' mean correctness).
+        source: score only the images of this manifest ``source`` (e.g. ``isic_task3``), diagnosis and masks.
 
     Returns:
         The report: ``runs``, ``folds``, ``support`` (per class: images, lesions), and per metric its
@@ -132,12 +156,16 @@ def pool_crossval(
     Raises:
         DataError: a folder that is not a fold evaluation, folds missing or repeated, runs scoring different
             images, or a scored image that ``truth`` does not hold. Images without a diagnosis in ``truth``
-            (mask-only) are left out of the diagnosis metrics and counted (``without_diagnosis``).
+            (mask-only) are left out of the diagnosis metrics and counted (``without_diagnosis``). With
+            ``source``: a manifest without a ``source`` column, or no scored image of that source; with
+            ``per_lesion``: a lesion whose images carry different diagnoses.
     """
     if not runs:
         raise ValueError("give at least one run (a list of fold evaluation folders)")
     records = {r.id: r for r in collect_records(truth)}
     sources = _manifest_sources(truth)
+    if source is not None and not sources:
+        raise DataError(Path(truth), "has no 'source' column: cannot score one source (prepare writes one)")
     class_names: list[str] | None = None
     joined = []
     assignments = set()
@@ -166,14 +194,24 @@ def pool_crossval(
     if not ids:
         raise DataError(Path(truth), "no scored image has a diagnosis in this manifest")
     no_diagnosis = len(joined[0]["with_metadata"]) - len(ids)
+    if source is not None:
+        scored_sources = sorted({sources.get(i, "") for i in ids})
+        ids = [i for i in ids if sources.get(i) == source]
+        if not ids:
+            raise DataError(Path(truth), f"no scored image with a diagnosis has source {source!r}: {scored_sources}")
     truth_idx = np.array([class_names.index(records[i].label) for i in ids])
     lesions = [records[i].group for i in ids]
     k = len(class_names)
+    # The unit the diagnosis metrics count: an image, or a lesion (its images' mean correctness).
+    units, unit_of = _units(lesions, truth_idx, ids, Path(truth)) if per_lesion else (None, None)
     report: dict[str, Any] = {
         "runs": len(runs),
         "folds": assignments.pop()[0],
         "class_names": class_names,
         "num_images": len(ids),
+        "num_lesions": len(set(lesions)),
+        "per_lesion": per_lesion,
+        "source": source,
         "without_diagnosis": no_diagnosis,
         "support": {
             name: {
@@ -186,16 +224,20 @@ def pool_crossval(
     }
     ways = [w for w in _WAYS if all(w in run for run in joined)]
     for way in ways:
-        correct = np.stack(
-            [np.array([run[way][i].argmax() for i in ids]) == truth_idx for run in joined]
+        correct = np.stack([np.array([run[way][i].argmax() for i in ids]) == truth_idx for run in joined]).astype(
+            float
         )  # (runs, images)
-        statistic = balanced_accuracy_statistic(correct, truth_idx, k)
-        per_seed = [statistic([np.array([r])], np.arange(len(ids))) for r in range(len(joined))]
+        unit_truth, unit_groups = truth_idx, lesions
+        if per_lesion:
+            correct = np.stack([np.bincount(unit_of, weights=c) for c in correct]) / np.bincount(unit_of)
+            unit_truth, unit_groups = units[1], units[0]
+        statistic = balanced_accuracy_statistic(correct, unit_truth, k)
+        per_seed = [statistic([np.array([r])], np.arange(len(unit_truth))) for r in range(len(joined))]
         estimate, low, high = two_level_bootstrap(
             statistic,
             len(joined),
-            lesions,
-            strata=truth_idx,
+            unit_groups,
+            strata=unit_truth,
             n_resamples=n_resamples,
             confidence_level=confidence_level,
         )
@@ -207,10 +249,13 @@ def pool_crossval(
             "interval": [low, high],
         }
         for c, name in enumerate(class_names):
-            recalls = [float(correct[r, truth_idx == c].mean()) for r in range(len(joined))]
+            members = unit_truth == c
+            recalls = [float(correct[r, members].mean()) if members.any() else math.nan for r in range(len(joined))]
             report["metrics"][f"{way}/recall/{name}"] = {"per_seed": recalls, "mean": float(np.mean(recalls))}
     if all("threshold_jaccard" in run for run in joined):
         masked = sorted(joined[0]["threshold_jaccard"])
+        if source is not None:
+            masked = [i for i in masked if sources.get(i) == source]
         task1 = [i for i in masked if sources.get(i, "").startswith("isic_task1")]
         for name, subset in (("threshold_jaccard", masked), ("task1_threshold_jaccard", task1)):
             if not subset:
@@ -265,6 +310,16 @@ def crossval_markdown(report: dict[str, Any], confidence_level: float = 0.95) ->
             if report.get("without_diagnosis")
             else []
         ),
+        *([f"Only the images of source `{report['source']}`.", ""] if report.get("source") else []),
+        *(
+            [
+                f"Diagnosis counts each of the {report['num_lesions']} lesions once (its images' mean correctness: "
+                "the expected score of one image per lesion).",
+                "",
+            ]
+            if report.get("per_lesion")
+            else []
+        ),
         f"Seed mean [{level} two-level bootstrap interval: seeds, then lesions within their class] (each seed).",
         "",
         "| metric | value |",
@@ -317,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the K fold evaluation folders of one training seed (repeat --run for each seed)",
     )
     parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument(
+        "--per-lesion",
+        action="store_true",
+        help="count every lesion once in the diagnosis metrics (its images' mean correctness), as a held-out check "
+        "with one image per lesion does",
+    )
+    parser.add_argument(
+        "--source", help="score only the images of this manifest source (e.g. isic_task3: HAM10000, with metadata)"
+    )
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default: 0.95)")
     return parser
@@ -325,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
 def crossval_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``skinfusion crossval``: pool fold evaluations (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    report = pool_crossval(args.truth, args.run, args.out, n_resamples=args.resamples, confidence_level=args.confidence)
+    report = pool_crossval(
+        args.truth,
+        args.run,
+        args.out,
+        n_resamples=args.resamples,
+        confidence_level=args.confidence,
+        per_lesion=args.per_lesion,
+        source=args.source,
+    )
     sys.stdout.write(crossval_markdown(report, args.confidence))
     return report
