@@ -19,6 +19,7 @@ from modelutil import TINY_CLI
 
 from skinfusion.io import load_checkpoint
 from skinfusion.training.checkpointing import AtomicCheckpointIO
+from skinfusion.training.module import SkinFusionModule
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
@@ -192,6 +193,49 @@ def test_kill_at_chosen_point_then_resume_matches_uninterrupted_run(tmp_path, st
     (interrupted,) = _lasts(tmp_path)
     assert load_checkpoint(interrupted)["global_step"] == saved_step
     _resume_and_compare(straight, tmp_path, config)
+
+
+EMA_CONFIG = TINY_CONFIG.replace(
+    "  callbacks:\n", "  callbacks:\n    - class_path: skinfusion.training.ema.EMA\n      init_args: {decay: 0.9}\n", 1
+)
+
+
+@pytest.mark.slow
+def test_ema_run_killed_mid_epoch_resumes_to_the_straight_runs_average(tmp_path):
+    """With the weights' EMA on, a checkpoint holds the average as its state_dict (what evaluate and predict load),
+    the loss's class priors included, and the trained weights beside it; a run killed mid-epoch and resumed ends
+    with the same average, the same weights and the same logged metrics as a straight run."""
+    straight_folder = tmp_path / "straight"
+    straight_folder.mkdir()
+    config = tmp_path / "ema.yaml"
+    config.write_text(textwrap.dedent(EMA_CONFIG))
+    proc = _run(_command(config), straight_folder)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (reference_path,) = _lasts(straight_folder)
+    reference = load_checkpoint(reference_path)
+    average, current = reference["state_dict"], reference["current_model_state"]
+    assert average.keys() == current.keys()
+    assert "loss.cls_loss.log_priors" in average
+    assert not torch.equal(average["net.classifier.mlp.1.weight"], current["net.classifier.mlp.1.weight"])
+    loaded = SkinFusionModule.from_checkpoint(reference_path)
+    assert torch.equal(loaded.state_dict()["net.classifier.mlp.1.weight"], average["net.classifier.mlp.1.weight"])
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "killer.py").write_text(_KILLER)
+    kill = killed / "kill.yaml"
+    step = STEPS_PER_EPOCH + 2
+    kill.write_text(
+        f"trainer:\n  callbacks+:\n    - class_path: killer.KillAt\n"
+        f"      init_args: {{step: {step}, hook: on_train_batch_start}}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(killed), os.environ.get("PYTHONPATH")]))}
+    proc = _run([*_command(config), "--config", str(kill)], killed, env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    _resume_and_compare((straight_folder, reference), killed, config)
+    resumed = load_checkpoint(_lasts(killed)[-1])
+    different = [k for k in current if not torch.equal(resumed["current_model_state"][k], current[k])]
+    assert not different, f"{len(different)} trained tensors differ, e.g. {different[:3]}"
 
 
 _SAVER = """
